@@ -1,0 +1,82 @@
+"""Run notebooks on the local engine (or any Spark Connect server) with the local runtime."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from pydantic import Field, field_validator
+
+from nbpipeline import engine, settings
+from nbpipeline.backends.base import NOTEBOOK_NAMES, NotebookBackend, NotebookRun, parse_exit_value
+from nbpipeline.errors import ConfigError
+from nbpipeline.runtime import run_notebook
+
+
+class LocalNotebookBackend(NotebookBackend):
+    """Runs the project's notebooks through nbpipeline's notebook runtime on Spark Connect.
+
+    Every step process opens its own light client session (under a second) to one shared engine,
+    so parallel steps never start a JVM each.
+    """
+
+    spark_remote: str | None = Field(
+        default=None,
+        description=(
+            "Spark Connect URL (sc://host:port) of a running Spark with Delta Lake. Empty: the "
+            "embedded local engine under NBPIPELINE_HOME, started on first use "
+            "(NBPIPELINE_SPARK_REMOTE also sets it)."
+        ),
+    )
+    notebooks_dir: str | None = Field(
+        default=None,
+        description="Folder holding Notebook1..4.py. Empty: the project's notebooks/ folder.",
+    )
+
+    @field_validator("spark_remote")
+    @classmethod
+    def _check_remote(cls, value: str | None) -> str | None:
+        if value and not value.startswith("sc://"):
+            raise ValueError(f"spark_remote {value!r} must be a Spark Connect URL (sc://host:port)")
+        return value or None
+
+    @property
+    def backend_name(self) -> str:
+        return "local"
+
+    def engine_address(self) -> str:
+        return engine.engine_url(self.spark_remote)
+
+    def notebook_path(self, notebook: str) -> Path:
+        if notebook not in NOTEBOOK_NAMES:
+            raise ConfigError(f"unknown notebook {notebook!r}; expected one of {NOTEBOOK_NAMES}")
+        folder = Path(self.notebooks_dir) if self.notebooks_dir else settings.notebooks_dir()
+        path = folder / f"{notebook}.py"
+        if not path.exists():
+            raise ConfigError(f"no notebook at {path}", hint="set notebooks_dir on the resource")
+        return path
+
+    def run_notebook(
+        self,
+        notebook: str,
+        parameters: Mapping[str, str],
+        *,
+        timeout_seconds: int = 3600,
+        log: logging.Logger | None = None,
+    ) -> NotebookRun:
+        path = self.notebook_path(notebook)
+        spark = engine.get_spark(self.spark_remote, progress=log.info if log else None)
+        started = time.time()
+        raw = run_notebook(path, parameters, spark=spark, timeout_seconds=timeout_seconds)
+        ended = time.time()
+        return NotebookRun(
+            notebook=notebook,
+            location=str(path),
+            backend=self.backend_name,
+            engine=self.engine_address(),
+            exit_value=parse_exit_value(raw, notebook=str(path)),
+            started_at=started,
+            ended_at=ended,
+        )

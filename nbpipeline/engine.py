@@ -1,0 +1,487 @@
+"""The local engine: one Spark Connect server with Delta Lake, shared by every process.
+
+A local Spark JVM takes seconds to start and an embedded Derby metastore admits one JVM at a
+time, so nbpipeline treats the local engine like a small shared cluster (as Databricks is): one
+Spark Connect server per `NBPIPELINE_HOME`, started on demand, reused by every notebook, test and
+Dagster step process, and stoppable with `nbpipeline engine stop`. Clients connect in well under a
+second. `NBPIPELINE_SPARK_REMOTE=sc://host:port` points everything at another Spark Connect server
+instead, so the same code can use a bigger Spark.
+
+State lives in `<home>/engine/`: `server.json` (pid, port, url), `server.log`, a lock file that
+serialises starts, and Spark's scratch space. Tables live in `<home>/warehouse`, the metastore in
+`<home>/metastore_db`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pyspark
+
+from nbpipeline import settings
+from nbpipeline.errors import EngineError, JarsError
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+DEFAULT_PORT = 15002
+START_TIMEOUT_S = 180.0
+
+
+def _log_progress(message: str) -> None:
+    log.info(message)
+
+
+# --------------------------------------------------------------------------- Delta Lake JARs
+
+
+def delta_coordinate() -> str:
+    """Maven coordinate of the Delta JAR matching the installed pyspark and delta-spark."""
+    delta_version = importlib.metadata.version("delta-spark")
+    spark_minor = ".".join(pyspark.__version__.split(".")[:2])
+    return f"io.delta:delta-spark_{spark_minor}_2.13:{delta_version}"
+
+
+def spark_home() -> Path:
+    """The pyspark package folder, which is a complete Spark distribution."""
+    return Path(pyspark.__file__).resolve().parent
+
+
+def _artifact_name(jar: Path) -> str:
+    """`org.apache.parquet_parquet-column-1.16.0.jar` -> `parquet-column` (group and version cut)."""
+    stem = jar.name.removesuffix(".jar")
+    stem = stem.split("_", 1)[1] if "_" in stem and "." in stem.split("_", 1)[0] else stem
+    parts = stem.split("-")
+    while parts and parts[-1][:1].isdigit():
+        parts.pop()
+    return "-".join(parts)
+
+
+def _offline_hint(coordinate: str) -> str:
+    group, artifact, version = coordinate.split(":")
+    storage = f"{group}:delta-storage:{version}"
+    return (
+        "download them once, e.g. `mvn dependency:copy -Dartifact="
+        f"{coordinate} -DoutputDirectory=DIR` and the same for {storage}, "
+        "then set NBPIPELINE_DELTA_JARS=DIR"
+    )
+
+
+def _jars_from_dir(folder: Path, coordinate: str) -> list[Path]:
+    artifact = coordinate.split(":")[1]
+    if not folder.is_dir():
+        raise JarsError(
+            f"NBPIPELINE_DELTA_JARS={folder} is not a folder", hint=_offline_hint(coordinate)
+        )
+    jars = sorted(folder.glob("*.jar"))
+    missing = [
+        name
+        for name in (artifact, "delta-storage")
+        if not any(_artifact_name(j) == name for j in jars)
+    ]
+    if missing:
+        raise JarsError(
+            f"NBPIPELINE_DELTA_JARS={folder} lacks the Delta Lake JAR(s) {', '.join(missing)} "
+            f"(need {coordinate} and its delta-storage)",
+            hint=_offline_hint(coordinate),
+        )
+    return jars
+
+
+def resolve_jars(progress: Progress | None = None) -> list[Path]:
+    """The Delta Lake JARs to put on the engine's class path, resolving them once if needed.
+
+    Order: `NBPIPELINE_DELTA_JARS` (a folder of pre-downloaded JARs, for offline use); else the
+    per-user cache; else resolve from Maven Central with Spark's own resolver (Ivy), then keep only
+    the JARs Spark does not already ship and copy them into the cache for next time.
+    """
+    progress = progress or _log_progress
+    coordinate = delta_coordinate()
+    override = os.environ.get("NBPIPELINE_DELTA_JARS")
+    if override:
+        return _jars_from_dir(Path(override).expanduser().resolve(), coordinate)
+
+    cached = settings.cache_dir() / "jars" / coordinate.replace(":", "_")
+    manifest = cached / "jars.json"
+    if manifest.exists():
+        names = json.loads(manifest.read_text())
+        jars = [cached / n for n in names]
+        if all(j.exists() for j in jars):
+            return jars
+
+    progress(f"Resolving Delta Lake JARs {coordinate} (once; cached in {cached}) ...")
+    # One Ivy folder per coordinate: its jars/ folder then holds exactly Delta's closure.
+    ivy = settings.cache_dir() / "ivy" / coordinate.replace(":", "_")
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory() as tmp:
+        noop = Path(tmp) / "noop.py"
+        noop.write_text("")
+        env = {**os.environ, "SPARK_HOME": str(spark_home()), "PYSPARK_PYTHON": sys.executable}
+        try:
+            proc = subprocess.run(
+                [
+                    str(spark_home() / "bin" / "spark-submit"),
+                    "--packages",
+                    coordinate,
+                    "--conf",
+                    f"spark.jars.ivy={ivy}",
+                    str(noop),
+                ],
+                env=env,
+                cwd=tmp,
+                capture_output=True,
+                text=True,
+                timeout=900,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise JarsError(
+                f"could not run Spark's resolver for {coordinate}: {exc}",
+                hint=_offline_hint(coordinate),
+            ) from exc
+    if proc.returncode != 0:
+        unresolved = [
+            line.strip()
+            for line in (proc.stdout + proc.stderr).splitlines()
+            if "unresolved dependency" in line or "not found" in line or "Host" in line
+        ]
+        detail = unresolved[-1] if unresolved else f"spark-submit exited {proc.returncode}"
+        raise JarsError(
+            f"could not download the Delta Lake JARs {coordinate} from Maven Central ({detail})",
+            hint=_offline_hint(coordinate),
+        )
+    bundled = {_artifact_name(j) for j in (spark_home() / "jars").glob("*.jar")}
+    # Spark ships newer Hadoop/Parquet/Jackson than Delta's POM asks for; keep Spark's copies.
+    wanted = [j for j in sorted((ivy / "jars").glob("*.jar")) if _artifact_name(j) not in bundled]
+    if not any(_artifact_name(j) == coordinate.split(":")[1] for j in wanted):
+        raise JarsError(
+            f"Spark's resolver finished but {coordinate} is not in {ivy / 'jars'}",
+            hint=_offline_hint(coordinate),
+        )
+    cached.mkdir(parents=True, exist_ok=True)
+    for jar in wanted:
+        shutil.copy2(jar, cached / jar.name)
+    manifest.write_text(json.dumps([j.name for j in wanted], indent=1))
+    progress(f"Resolved {len(wanted)} JARs in {time.monotonic() - started:.1f}s")
+    return [cached / j.name for j in wanted]
+
+
+# --------------------------------------------------------------------------- the server
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Settings of the local engine, read from the environment."""
+
+    home: Path
+    host: str
+    port: int
+    driver_memory: str
+    cores: str
+    ui: bool
+
+    @classmethod
+    def from_env(cls) -> EngineConfig:
+        raw_port = os.environ.get("NBPIPELINE_ENGINE_PORT", str(DEFAULT_PORT))
+        try:
+            port = int(raw_port)
+            if not 1 <= port <= 65535:
+                raise ValueError
+        except ValueError:
+            raise EngineError(
+                f"NBPIPELINE_ENGINE_PORT={raw_port!r} is not a port number (1-65535)"
+            ) from None
+        return cls(
+            home=settings.home(),
+            host="127.0.0.1",
+            port=port,
+            driver_memory=os.environ.get("NBPIPELINE_ENGINE_MEMORY", "3g"),
+            cores=os.environ.get("NBPIPELINE_ENGINE_CORES", "*"),
+            ui=os.environ.get("NBPIPELINE_ENGINE_UI", "") in ("1", "true", "yes"),
+        )
+
+    @property
+    def state_dir(self) -> Path:
+        path = self.home / "engine"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def url(self) -> str:
+        return f"sc://{self.host}:{self.port}"
+
+    def spark_conf(self) -> dict[str, str]:
+        """Spark settings of the server: Delta, a persistent metastore, small-shuffle sizing."""
+        home = self.home
+        return {
+            "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
+            "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
+            # A Hive metastore on embedded Derby keeps schema.table names across restarts; only
+            # this one JVM opens it, which is what Derby allows.
+            "spark.sql.catalogImplementation": "hive",
+            "spark.hadoop.javax.jdo.option.ConnectionURL": (
+                f"jdbc:derby:;databaseName={home / 'metastore_db'};create=true"
+            ),
+            "spark.sql.warehouse.dir": str(home / "warehouse"),
+            "spark.driver.extraJavaOptions": f"-Dderby.system.home={self.state_dir}",
+            "spark.local.dir": str(self.state_dir / "tmp"),
+            "spark.connect.grpc.binding.address": self.host,
+            "spark.connect.grpc.binding.port": str(self.port),
+            "spark.ui.enabled": "true" if self.ui else "false",
+            "spark.sql.session.timeZone": "UTC",
+            # Notebook-sized jobs: few shuffle partitions, AQE to coalesce, and FAIR scheduling so
+            # concurrent notebooks from several clients share the cores instead of queueing.
+            "spark.sql.shuffle.partitions": "8",
+            "spark.sql.adaptive.enabled": "true",
+            "spark.scheduler.mode": "FAIR",
+            "spark.databricks.delta.snapshotPartitions": "4",
+            # Our MERGE sources are deterministic reads of a pinned Delta version, so Delta's
+            # defensive copy of the source (an extra job per MERGE) buys nothing here.
+            "spark.databricks.delta.merge.materializeSource": "none",
+            # INFO logging of every gRPC call costs measurable time on small jobs.
+            "spark.log.level": "WARN",
+        }
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of this process still answers kill(0); treat it as gone.
+    with contextlib.suppress(ChildProcessError, OSError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    return True
+
+
+def _port_open(host: str, port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+        return True
+    return False
+
+
+@contextlib.contextmanager
+def _start_lock(config: EngineConfig) -> Iterator[None]:
+    with open(config.state_dir / "start.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _read_state(config: EngineConfig) -> dict | None:
+    path = config.state_dir / "server.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def status(config: EngineConfig | None = None) -> dict:
+    """What the local engine is doing: running, pid, url, home, log file."""
+    config = config or EngineConfig.from_env()
+    state = _read_state(config) or {}
+    pid = state.get("pid")
+    running = bool(pid) and _pid_alive(pid) and _port_open(config.host, state.get("port", 0))
+    return {
+        "running": running,
+        "pid": pid if running else None,
+        "url": state.get("url", config.url) if running else config.url,
+        "home": str(config.home),
+        "log": str(config.state_dir / "server.log"),
+        "started_at": state.get("started_at") if running else None,
+        "remote": os.environ.get("NBPIPELINE_SPARK_REMOTE") or None,
+    }
+
+
+def _log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    interesting = [ln for ln in text if "ERROR" in ln or "Exception" in ln or "Caused by" in ln]
+    return "\n".join((interesting or text)[-lines:])
+
+
+def start(config: EngineConfig | None = None, progress: Progress | None = None) -> str:
+    """Start the local engine unless it runs already; return its Spark Connect URL."""
+    config = config or EngineConfig.from_env()
+    progress = progress or _log_progress
+    with _start_lock(config):
+        current = status(config)
+        if current["running"]:
+            return current["url"]
+        if _port_open(config.host, config.port):
+            raise EngineError(
+                f"port {config.port} is in use by another program (or an engine of another "
+                f"NBPIPELINE_HOME)",
+                hint="set NBPIPELINE_ENGINE_PORT to a free port, or stop that program",
+            )
+        jars = resolve_jars(progress)
+        logfile = config.state_dir / "server.log"
+        (config.state_dir / "tmp").mkdir(exist_ok=True)
+        cmd = [
+            str(spark_home() / "bin" / "spark-submit"),
+            "--class",
+            "org.apache.spark.sql.connect.service.SparkConnectServer",
+            "--name",
+            "nbpipeline-engine",
+            "--master",
+            f"local[{config.cores}]",
+            "--driver-memory",
+            config.driver_memory,
+            "--jars",
+            ",".join(str(j) for j in jars),
+        ]
+        for key, value in config.spark_conf().items():
+            cmd += ["--conf", f"{key}={value}"]
+        cmd.append("spark-internal")
+        env = {**os.environ, "SPARK_HOME": str(spark_home()), "PYSPARK_PYTHON": sys.executable}
+        progress(f"Starting the local Spark engine on {config.url} (home {config.home}) ...")
+        started = time.monotonic()
+        with open(logfile, "ab") as out:
+            # Own session: the server outlives the command that started it and is stopped as a
+            # process group by `nbpipeline engine stop`.
+            proc = subprocess.Popen(
+                cmd,
+                cwd=config.state_dir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        state = {
+            "pid": proc.pid,
+            "port": config.port,
+            "url": config.url,
+            "started_at": time.time(),
+            "log": str(logfile),
+        }
+        (config.state_dir / "server.json").write_text(json.dumps(state))
+        deadline = started + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise EngineError(
+                    f"the local engine exited during start-up (code {proc.returncode}); "
+                    f"last log lines:\n{_log_tail(logfile)}",
+                    hint=f"see {logfile}",
+                )
+            if _port_open(config.host, config.port):
+                break
+            time.sleep(0.25)
+        else:
+            stop(config)
+            raise EngineError(
+                f"the local engine did not open port {config.port} within {START_TIMEOUT_S:.0f}s",
+                hint=f"see {logfile}",
+            )
+        progress(f"Local Spark engine ready in {time.monotonic() - started:.1f}s")
+        return config.url
+
+
+def stop(config: EngineConfig | None = None, timeout_s: float = 20.0) -> bool:
+    """Stop the local engine (its whole process group). Returns whether one was running."""
+    config = config or EngineConfig.from_env()
+    state = _read_state(config)
+    if not state or not state.get("pid") or not _pid_alive(state["pid"]):
+        (config.state_dir / "server.json").unlink(missing_ok=True)
+        return False
+    pid = state["pid"]
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and _pid_alive(pid):
+        time.sleep(0.2)
+    if _pid_alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+    (config.state_dir / "server.json").unlink(missing_ok=True)
+    return True
+
+
+# --------------------------------------------------------------------------- client sessions
+
+
+def engine_url(remote: str | None = None) -> str:
+    """The Spark Connect URL notebooks use: an explicit remote, `NBPIPELINE_SPARK_REMOTE`, or
+    the local engine (not started by this call)."""
+    remote = remote or os.environ.get("NBPIPELINE_SPARK_REMOTE")
+    if remote:
+        if not remote.startswith("sc://"):
+            raise EngineError(f"Spark Connect URL {remote!r} must start with sc://")
+        return remote
+    return EngineConfig.from_env().url
+
+
+_sessions: dict[str, SparkSession] = {}
+
+
+def get_spark(
+    remote: str | None = None, *, autostart: bool = True, progress: Progress | None = None
+) -> SparkSession:
+    """A Spark Connect session on the engine, starting the local engine on first use.
+
+    One session per process and URL (pyspark caches it); a session whose server went away is
+    replaced, so a restarted engine is picked up by long-lived processes.
+    """
+    from pyspark.sql import SparkSession
+
+    url = remote or os.environ.get("NBPIPELINE_SPARK_REMOTE")
+    if url:
+        url = engine_url(url)
+    elif autostart:
+        url = start(progress=progress)
+    else:
+        url = engine_url()
+        if not status()["running"]:
+            raise EngineError(
+                "the local engine is not running", hint="start it with `nbpipeline engine start`"
+            )
+    cached = _sessions.get(url)
+    if cached is not None:
+        if _session_alive(cached):
+            return cached
+        with contextlib.suppress(Exception):
+            cached.stop()
+        _sessions.pop(url, None)
+    try:
+        session = SparkSession.builder.remote(url).create()
+        session.sql("SELECT 1").collect()
+    except Exception as exc:  # grpc errors carry long traces; keep the first line
+        raise EngineError(
+            f"cannot connect to the Spark engine at {url}: {str(exc).strip().splitlines()[0]}"
+        ) from None
+    _sessions[url] = session
+    return session
+
+
+def _session_alive(session: SparkSession) -> bool:
+    try:
+        session.sql("SELECT 1").collect()
+        return True
+    except Exception:
+        return False

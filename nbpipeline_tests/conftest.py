@@ -1,0 +1,62 @@
+"""Shared fixtures: one local engine (Spark Connect + Delta) for the whole test session.
+
+The engine gets its own NBPIPELINE_HOME under pytest's temp folder and a free port, so tests never
+touch a user's data and can run beside a user's engine. Each test gets a fresh schema.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# Timestamps collected from Spark become naive datetimes in the process time zone; the contract
+# is in UTC, so the tests' own computations must be too.
+os.environ["TZ"] = "UTC"
+time.tzset()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def nbpipeline_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A private NBPIPELINE_HOME and engine port for the whole test session."""
+    home = tmp_path_factory.mktemp("nbpipeline_home")
+    saved = {k: os.environ.get(k) for k in ("NBPIPELINE_HOME", "NBPIPELINE_ENGINE_PORT")}
+    os.environ["NBPIPELINE_HOME"] = str(home)
+    os.environ["NBPIPELINE_ENGINE_PORT"] = str(_free_port())
+    os.environ.pop("NBPIPELINE_SPARK_REMOTE", None)
+    yield home
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def spark(nbpipeline_home: Path):
+    """A Spark Connect session on a local engine started once for the test session."""
+    from nbpipeline import engine
+
+    session = engine.get_spark()
+    yield session
+    engine.stop()
+
+
+@pytest.fixture
+def schema(spark, request: pytest.FixtureRequest) -> str:
+    """A fresh, empty schema for one test (the catalog analogue of tmp_path)."""
+    name = f"t_{request.node.name[:20].lower()}_{uuid.uuid4().hex[:6]}"
+    name = "".join(c if c.isalnum() or c == "_" else "_" for c in name)
+    spark.sql(f"CREATE SCHEMA {name}")
+    return name
