@@ -1,0 +1,90 @@
+"""The local engine's settings and JAR resolution errors (no JVM needed for these)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nbpipeline import engine
+from nbpipeline.errors import EngineError, JarsError
+
+
+def test_coordinate_matches_installed_pyspark_and_delta() -> None:
+    import importlib.metadata
+
+    import pyspark
+
+    coord = engine.delta_coordinate()
+    minor = ".".join(pyspark.__version__.split(".")[:2])
+    assert coord == f"io.delta:delta-spark_{minor}_2.13:{importlib.metadata.version('delta-spark')}"
+
+
+def test_offline_jars_folder_missing_delta_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "unrelated-1.0.jar").write_bytes(b"")
+    monkeypatch.setenv("NBPIPELINE_DELTA_JARS", str(tmp_path))
+    with pytest.raises(JarsError) as err:
+        engine.resolve_jars()
+    message = str(err.value)
+    artifact = engine.delta_coordinate().split(":")[1]
+    assert f"lacks the Delta Lake JAR(s) {artifact}, delta-storage" in message
+    assert "mvn dependency:copy" in message and "NBPIPELINE_DELTA_JARS" in message
+
+
+def test_offline_jars_folder_is_used_as_is(tmp_path: Path, monkeypatch) -> None:
+    version = engine.delta_coordinate().split(":")[2]
+    artifact = engine.delta_coordinate().split(":")[1]
+    for name in (f"{artifact}-{version}.jar", f"delta-storage-{version}.jar"):
+        (tmp_path / name).write_bytes(b"")
+    monkeypatch.setenv("NBPIPELINE_DELTA_JARS", str(tmp_path))
+    assert [p.name for p in engine.resolve_jars()] == sorted(p.name for p in tmp_path.iterdir())
+
+
+def test_not_a_folder(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("NBPIPELINE_DELTA_JARS", str(tmp_path / "nope"))
+    with pytest.raises(JarsError, match="is not a folder"):
+        engine.resolve_jars()
+
+
+def test_artifact_names() -> None:
+    assert engine._artifact_name(Path("org.apache.parquet_parquet-column-1.16.0.jar")) == (
+        "parquet-column"
+    )
+    assert engine._artifact_name(Path("io.delta_delta-spark_4.2_2.13-4.4.0.jar")) == (
+        "delta-spark_4.2_2.13"
+    )
+    assert engine._artifact_name(Path("delta-storage-4.4.0.jar")) == "delta-storage"
+    assert engine._artifact_name(Path("hadoop-client-api-3.5.0.jar")) == "hadoop-client-api"
+
+
+def test_bad_port_and_remote(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("NBPIPELINE_HOME", str(tmp_path))
+    monkeypatch.setenv("NBPIPELINE_ENGINE_PORT", "http")
+    with pytest.raises(EngineError, match="NBPIPELINE_ENGINE_PORT='http' is not a port"):
+        engine.EngineConfig.from_env()
+    with pytest.raises(EngineError, match="must start with sc://"):
+        engine.engine_url("http://localhost:15002")
+
+
+def test_config_keeps_everything_under_home(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("NBPIPELINE_HOME", str(tmp_path / "h"))
+    monkeypatch.setenv("NBPIPELINE_ENGINE_PORT", "15999")
+    config = engine.EngineConfig.from_env()
+    conf = config.spark_conf()
+    assert config.url == "sc://127.0.0.1:15999"
+    assert conf["spark.connect.grpc.binding.address"] == "127.0.0.1"
+    assert conf["spark.sql.warehouse.dir"].startswith(str(tmp_path / "h"))
+    assert (
+        str(tmp_path / "h" / "metastore_db") in conf["spark.hadoop.javax.jdo.option.ConnectionURL"]
+    )
+    assert conf["spark.sql.session.timeZone"] == "UTC"
+
+
+@pytest.mark.spark
+def test_running_engine_status_and_port_clash(spark, nbpipeline_home: Path) -> None:
+    info = engine.status()
+    assert info["running"] and info["home"] == str(nbpipeline_home)
+    assert info["url"] == engine.EngineConfig.from_env().url
+    # Starting again reuses the running server.
+    assert engine.start() == info["url"]
+    assert engine.status()["pid"] == info["pid"]
