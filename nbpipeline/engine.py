@@ -479,6 +479,36 @@ def get_spark(
     return session
 
 
+def classic_session(
+    *, cores: str = "*", driver_memory: str = "2g", progress: Progress | None = None
+) -> SparkSession:
+    """An in-process (classic, py4j) Spark session with Delta: a JVM of this process's own.
+
+    This is the stock way to use PySpark from a Dagster step, kept as the benchmark's
+    `per-process-spark` reference. Its catalog is in memory, since the engine's Derby
+    metastore admits one JVM, so it can only reach Delta path tables (delta.`/path`).
+    """
+    from pyspark.sql import SparkSession
+
+    config = EngineConfig.from_env()
+    jars = resolve_jars(progress)
+    conf = config.spark_conf()
+    for key in list(conf):
+        if key.startswith(("spark.connect.", "spark.hadoop.javax.jdo", "spark.driver.extraJava")):
+            conf.pop(key)
+    conf["spark.sql.catalogImplementation"] = "in-memory"
+    conf["spark.local.dir"] = tempfile.mkdtemp(prefix="nbpipeline-classic-")
+    builder = (
+        SparkSession.builder.master(f"local[{cores}]")
+        .appName("nbpipeline-per-process")
+        .config("spark.driver.memory", driver_memory)
+        .config("spark.jars", ",".join(str(j) for j in jars))
+    )
+    for key, value in conf.items():
+        builder = builder.config(key, value)
+    return builder.getOrCreate()
+
+
 def _session_alive(session: SparkSession) -> bool:
     try:
         session.sql("SELECT 1").collect()

@@ -1,0 +1,322 @@
+"""`nbpipeline databricks ...`: deploy, diff and run the Databricks-native jobs.
+
+The main CLI calls `add_subcommands(subparsers)`; every leaf parser sets `func(args) -> int`.
+Errors are raised as `NbPipelineError` subclasses; the main CLI prints them and exits 2.
+
+Credentials come from the environment only (DATABRICKS_HOST plus DATABRICKS_TOKEN or any other
+method of the Databricks SDK's unified auth); `deploy --dry-run` needs none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from databricks.sdk import WorkspaceClient
+
+from nbpipeline.backends.databricks import (
+    API_ERRORS,
+    PollPolicy,
+    describe_api_error,
+    workspace_client_from_env,
+)
+from nbpipeline.databricks_jobs import (
+    DEFAULT_HIGH_VALUE_THRESHOLD,
+    JOB_NAMES,
+    MODES,
+    JobOptions,
+    all_job_settings,
+    deploy,
+    diff_jobs,
+    failure_error,
+    run_job,
+)
+from nbpipeline.errors import ConfigError, NbPipelineError
+
+
+def add_subcommands(subparsers: Any) -> None:
+    """Add `databricks {deploy,diff,run}` to the main CLI's subparsers action."""
+    parser = subparsers.add_parser(
+        "databricks",
+        help="deploy, diff and run the Databricks-native jobs",
+        description=(
+            "Manage the Databricks-native jobs nbpipeline-sequential and nbpipeline-parallel. "
+            "Needs DATABRICKS_HOST and credentials (DATABRICKS_TOKEN or another Databricks SDK "
+            "auth method), except for `deploy --dry-run`."
+        ),
+    )
+    commands = parser.add_subparsers(dest="databricks_command", metavar="COMMAND", required=True)
+
+    settings = argparse.ArgumentParser(add_help=False)
+    group = settings.add_argument_group("job settings")
+    group.add_argument(
+        "--workspace-dir",
+        metavar="PATH",
+        help="workspace folder for the notebooks (default /Shared/nbpipeline, "
+        "or $NBPIPELINE_DATABRICKS_WORKSPACE_DIR)",
+    )
+    group.add_argument(
+        "--source-table", metavar="TABLE", help="source_table widget (default nbpipeline.orders)"
+    )
+    group.add_argument(
+        "--target-schema",
+        metavar="SCHEMA",
+        help="target_schema widget (default empty: the source table's schema)",
+    )
+    group.add_argument(
+        "--high-value-threshold",
+        metavar="AMOUNT",
+        help=f"Notebook4's high_value_threshold widget (default {DEFAULT_HIGH_VALUE_THRESHOLD})",
+    )
+    group.add_argument(
+        "--spark-version", metavar="VERSION", help="job cluster runtime (default 17.3.x-scala2.13)"
+    )
+    group.add_argument(
+        "--node-type-id", metavar="TYPE", help="job cluster node type (default i3.xlarge)"
+    )
+    group.add_argument(
+        "--num-workers", metavar="N", type=int, help="job cluster workers (default 1)"
+    )
+    group.add_argument(
+        "--cron",
+        metavar="EXPR",
+        help="schedule as a standard 5-field cron, e.g. '30 6 * * MON-FRI' (converted to Quartz)",
+    )
+    group.add_argument(
+        "--timezone",
+        metavar="TZ",
+        default="UTC",
+        help="IANA time zone of the schedule (default UTC)",
+    )
+    group.add_argument(
+        "--only",
+        choices=MODES,
+        help="just this job (by default both); e.g. to schedule only the sequential one",
+    )
+    pause = group.add_mutually_exclusive_group()
+    pause.add_argument(
+        "--paused",
+        dest="paused",
+        action="store_true",
+        default=True,
+        help="create the schedule paused (default)",
+    )
+    pause.add_argument(
+        "--unpaused", dest="paused", action="store_false", help="create the schedule active"
+    )
+
+    p_deploy = commands.add_parser(
+        "deploy",
+        parents=[settings],
+        help="upload the notebooks and create or update both jobs",
+        description="Upload changed notebooks, then create or fully replace both jobs (by name).",
+    )
+    p_deploy.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the job settings; change nothing, no credentials needed",
+    )
+    p_deploy.add_argument("--json", action="store_true", help="machine-readable output")
+    p_deploy.set_defaults(func=cmd_deploy)
+
+    p_diff = commands.add_parser(
+        "diff",
+        parents=[settings],
+        help="show how the deployed jobs differ from what deploy would write",
+        description="Exit status: 0 if both jobs are up to date, 1 if deploy would change something.",
+    )
+    p_diff.add_argument("--json", action="store_true", help="machine-readable output")
+    p_diff.set_defaults(func=cmd_diff)
+
+    p_run = commands.add_parser(
+        "run",
+        help="trigger a deployed job, wait, and print its task timings",
+        description=(
+            "Trigger the deployed job (run-now) and wait for it. Runs the notebooks as deployed; "
+            "run `deploy` first to publish local changes. Ctrl-C cancels the Databricks run."
+        ),
+    )
+    p_run.add_argument("mode", choices=MODES, help="which job: " + ", ".join(JOB_NAMES.values()))
+    p_run.add_argument("--json", action="store_true", help="print the run report as JSON")
+    p_run.add_argument(
+        "--timeout",
+        type=float,
+        default=4 * 3600,
+        metavar="SECONDS",
+        help="cancel the run if it has not finished after this long (default 14400)",
+    )
+    p_run.add_argument(
+        "--poll-initial",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="first wait between status checks (default 1)",
+    )
+    p_run.add_argument(
+        "--poll-max",
+        type=float,
+        default=15.0,
+        metavar="SECONDS",
+        help="longest wait between status checks (default 15)",
+    )
+    p_run.set_defaults(func=cmd_run)
+
+
+def _options(args: argparse.Namespace) -> JobOptions:
+    return JobOptions.from_env(
+        workspace_dir=args.workspace_dir,
+        source_table=args.source_table,
+        target_schema=args.target_schema,
+        high_value_threshold=args.high_value_threshold,
+        spark_version=args.spark_version,
+        node_type_id=args.node_type_id,
+        num_workers=args.num_workers,
+        cron=args.cron,
+        timezone=args.timezone,
+        paused=args.paused,
+    )
+
+
+def _client() -> tuple[str, WorkspaceClient]:
+    # A minute of retries rides out throttling and blips; the SDK's default five minutes would
+    # leave someone with a mistyped DATABRICKS_HOST staring at a silent terminal.
+    return workspace_client_from_env(retry_timeout_seconds=60)
+
+
+def _modes(args: argparse.Namespace) -> tuple[str, ...]:
+    return (args.only,) if args.only else MODES
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    sys.stdout.flush()
+
+
+def _write_json(value: Any) -> None:
+    _write(json.dumps(value, indent=2, sort_keys=True))
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool = True) -> Iterator[logging.Logger]:
+    """A logger that shows progress on stderr for this command only.
+
+    Own handler, no propagation: the command's progress is visible whatever logging the main CLI
+    configured, and stdout stays clean for --json.
+    """
+    logger = logging.getLogger("nbpipeline.cli.databricks")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    if enabled:
+        logger.addHandler(handler)
+    try:
+        yield logger
+    finally:
+        logger.removeHandler(handler)
+
+
+def _describe(settings: dict[str, Any]) -> str:
+    lines = [f"{settings['name']}:"]
+    for task in settings["tasks"]:
+        deps = ", ".join(d["task_key"] for d in task.get("depends_on", []))
+        when = f"after {deps}" if deps else "at start"
+        lines.append(
+            f"  {task['task_key']:<10} {when:<16} {task['notebook_task']['notebook_path']}"
+        )
+    cluster = settings["job_clusters"][0]["new_cluster"]
+    lines.append(
+        f"  cluster: {cluster['spark_version']}, {cluster['node_type_id']} x "
+        f"{cluster['num_workers']} worker{'' if cluster['num_workers'] == 1 else 's'}"
+    )
+    schedule = settings.get("schedule")
+    if schedule:
+        lines.append(
+            f"  schedule: {schedule['quartz_cron_expression']} ({schedule['timezone_id']}, "
+            f"{schedule['pause_status']})"
+        )
+    else:
+        lines.append("  schedule: none (manual runs only)")
+    return "\n".join(lines)
+
+
+_Command = Callable[[argparse.Namespace], int]
+
+
+def _api_errors(func: _Command) -> _Command:
+    """Report a Databricks API failure as one NbPipelineError line, not a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except API_ERRORS as exc:
+            raise NbPipelineError(f"Databricks API error: {describe_api_error(exc)}") from None
+
+    return wrapper
+
+
+@_api_errors
+def cmd_deploy(args: argparse.Namespace) -> int:
+    """`databricks deploy`: returns 0, or raises NbPipelineError."""
+    options = _options(args)
+    if args.dry_run:
+        settings = all_job_settings(options, _modes(args))
+        if args.json:
+            _write_json(settings)
+        else:
+            _write("\n".join(_describe(s) for s in settings.values()))
+            _write("dry run: nothing was uploaded or changed (use --json for the exact settings)")
+        return 0
+    _, ws = _client()
+    with _progress(not args.json) as log:
+        result = deploy(ws, options, modes=_modes(args), log=log)
+    if args.json:
+        _write_json(result.as_dict())
+    else:
+        _write(result.format_text())
+    return 0
+
+
+@_api_errors
+def cmd_diff(args: argparse.Namespace) -> int:
+    """`databricks diff`: 0 when both jobs match what deploy would write, 1 otherwise."""
+    options = _options(args)
+    _, ws = _client()
+    diffs = diff_jobs(ws, options, _modes(args))
+    if args.json:
+        _write_json([d.as_dict() for d in diffs])
+    else:
+        _write("\n".join(d.format_text() for d in diffs))
+    return 0 if all(d.in_sync for d in diffs) else 1
+
+
+@_api_errors
+def cmd_run(args: argparse.Namespace) -> int:
+    """`databricks run MODE`: 0 on success; a failed run raises NotebookError after the report."""
+    if args.timeout <= 0:
+        raise ConfigError(f"--timeout must be > 0 (got {args.timeout})")
+    if not 0 < args.poll_initial <= args.poll_max:
+        raise ConfigError("--poll-initial must be > 0 and <= --poll-max")
+    _, ws = _client()
+    with _progress(not args.json) as log:
+        report = run_job(
+            ws,
+            args.mode,
+            timeout_seconds=args.timeout,
+            policy=PollPolicy(initial=args.poll_initial, maximum=args.poll_max),
+            log=log,
+        )
+    if args.json:
+        _write_json(report.as_dict())
+    else:
+        _write(report.format_text())
+    if not report.succeeded:
+        raise failure_error(report)
+    return 0

@@ -1,0 +1,513 @@
+"""Databricks-native jobs: cron -> Quartz, job settings, deploy / diff / run, and the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import pytest
+from databricks.sdk.service.jobs import JobSettings
+
+try:
+    from nbpipeline_tests.conftest_databricks import (
+        TOKEN,
+        LoopbackDatabricks,
+        canary_token,
+        databricks_env,  # noqa: F401 - fixture
+        loopback,  # noqa: F401 - fixture
+    )
+except ImportError:  # pragma: no cover - rootdir-relative import
+    from conftest_databricks import (  # type: ignore[no-redef]
+        TOKEN,
+        LoopbackDatabricks,
+        canary_token,
+        databricks_env,  # noqa: F401 - fixture
+        loopback,  # noqa: F401 - fixture
+    )
+
+from nbpipeline.backends.base import NOTEBOOK_NAMES
+from nbpipeline.backends.databricks import make_workspace_client
+from nbpipeline.cli_databricks import add_subcommands
+from nbpipeline.databricks_jobs import (
+    JOB_CLUSTER_KEY,
+    JobOptions,
+    build_job_settings,
+    check_timezone,
+    cron_to_quartz,
+    deploy,
+    diff_settings,
+)
+from nbpipeline.errors import ConfigError, NbPipelineError, NotebookError
+
+# ----------------------------------------------------------------------------------------------
+# Cron -> Quartz
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cron", "quartz"),
+    [
+        ("0 6 * * *", "0 0 6 * * ?"),
+        ("30 6 * * 1-5", "0 30 6 ? * MON-FRI"),
+        ("30 6 * * mon-fri", "0 30 6 ? * MON-FRI"),
+        ("0 0 * * 0", "0 0 0 ? * SUN"),
+        ("0 0 * * 7", "0 0 0 ? * SUN"),  # 7 is Sunday too
+        ("0 0 * * 6", "0 0 0 ? * SAT"),  # cron SAT=6 is Quartz 7
+        ("0 0 * * 5-7", "0 0 0 ? * SUN,FRI,SAT"),  # range ending on Sunday
+        ("0 0 * * 1,3,5", "0 0 0 ? * MON,WED,FRI"),
+        ("0 0 * * */2", "0 0 0 ? * SUN,TUE,THU,SAT"),  # cron days 0,2,4,6
+        ("0 0 * * 1-5/2", "0 0 0 ? * MON,WED,FRI"),
+        ("0 0 * * 0-6", "0 0 0 ? * *"),
+        ("0 0 * * SUN,SAT", "0 0 0 ? * SUN,SAT"),
+        ("*/15 * * * *", "0 0/15 * * * ?"),
+        ("5/20 * * * *", "0 5/20 * * * ?"),
+        ("0 9-17 * * *", "0 0 9-17 * * ?"),
+        ("0 9-17/2 * * *", "0 0 9,11,13,15,17 * * ?"),
+        ("0 0,12 1,15 * *", "0 0 0,12 1,15 * ?"),
+        ("0 0 */2 * *", "0 0 0 1/2 * ?"),
+        ("15 3 1 JAN,jul *", "0 15 3 1 1,7 ?"),
+        ("0 12 * 1-3 SAT", "0 0 12 ? 1-3 SAT"),
+        ("00 05 * * *", "0 0 5 * * ?"),
+        ("  0   6 * * *  ", "0 0 6 * * ?"),
+        ("@daily", "0 0 0 * * ?"),
+        ("@hourly", "0 0 * * * ?"),
+        ("@weekly", "0 0 0 ? * SUN"),
+        ("@monthly", "0 0 0 1 * ?"),
+        ("@yearly", "0 0 0 1 1 ?"),
+    ],
+)
+def test_cron_to_quartz(cron: str, quartz: str) -> None:
+    assert cron_to_quartz(cron) == quartz
+
+
+@pytest.mark.parametrize(
+    ("cron", "reason"),
+    [
+        ("", "empty expression"),
+        ("* * * *", "expected 5 fields, got 4"),
+        ("0 0 0 * * ?", "expected 5 fields, got 6"),
+        ("60 * * * *", "minute value 60 is outside 0-59"),
+        ("0 24 * * *", "hour value 24 is outside 0-23"),
+        ("0 0 0 * *", "day-of-month value 0 is outside 1-31"),
+        ("0 0 * 13 *", "month value 13 is outside 1-12"),
+        ("0 0 * * 8", "day-of-week value 8 is outside 0-7"),
+        ("0 0 * * MON-FOO", "day-of-week value 'FOO' is not a number"),
+        ("0 0 1 * 1", "both day-of-month and day-of-week are set"),
+        ("0 0 ? * 1", "Quartz syntax"),
+        ("0 0 L * *", "Quartz syntax"),
+        ("0 0 * * 1#2", "Quartz syntax"),
+        ("5-1 * * * *", "runs backwards"),
+        ("*/0 * * * *", "step '0' must be a positive number"),
+        ("0 0 * * *,1", "cannot be part of a list"),
+        ("1,,2 * * * *", "empty item"),
+        ("@reboot", "unknown macro"),
+    ],
+)
+def test_invalid_cron_is_rejected_clearly(cron: str, reason: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        cron_to_quartz(cron)
+    assert reason in str(info.value)
+    assert "minute hour day-of-month month day-of-week" in str(info.value)  # the hint
+
+
+def test_timezones() -> None:
+    assert check_timezone("Europe/Amsterdam") == "Europe/Amsterdam"
+    assert check_timezone("UTC") == "UTC"
+    for bad in ("Mars/Olympus", "", "../etc/passwd", "CEST+1"):
+        with pytest.raises(ConfigError, match="timezone"):
+            check_timezone(bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# Job settings
+# ----------------------------------------------------------------------------------------------
+
+
+def _settings(mode: str, **options: Any) -> dict[str, Any]:
+    return build_job_settings(mode, JobOptions(**options).validated())
+
+
+def test_sequential_job_chains_the_notebooks_on_one_job_cluster() -> None:
+    settings = _settings("sequential")
+    assert settings["name"] == "nbpipeline-sequential"
+    tasks = settings["tasks"]
+    assert [t["task_key"] for t in tasks] == list(NOTEBOOK_NAMES)
+    assert "depends_on" not in tasks[0]
+    for prev, task in zip(tasks, tasks[1:], strict=False):
+        assert task["depends_on"] == [{"task_key": prev["task_key"]}]
+    assert {t["job_cluster_key"] for t in tasks} == {JOB_CLUSTER_KEY}
+    (cluster,) = settings["job_clusters"]
+    assert cluster["job_cluster_key"] == JOB_CLUSTER_KEY
+    assert {"spark_version", "node_type_id", "num_workers"} <= cluster["new_cluster"].keys()
+    assert "schedule" not in settings
+
+
+def test_parallel_job_has_independent_tasks_and_widget_parameters() -> None:
+    settings = _settings("parallel", target_schema="analytics", high_value_threshold="250.50")
+    assert settings["name"] == "nbpipeline-parallel"
+    assert all("depends_on" not in t for t in settings["tasks"])
+    params = {t["task_key"]: t["notebook_task"]["base_parameters"] for t in settings["tasks"]}
+    for name in ("Notebook1", "Notebook2", "Notebook3"):
+        assert params[name] == {"source_table": "nbpipeline.orders", "target_schema": "analytics"}
+    assert params["Notebook4"] == {
+        "source_table": "nbpipeline.orders",
+        "target_schema": "analytics",
+        "high_value_threshold": "250.50",
+    }
+    paths = [t["notebook_task"]["notebook_path"] for t in settings["tasks"]]
+    assert paths == [f"/Shared/nbpipeline/{n}" for n in NOTEBOOK_NAMES]
+
+
+def test_schedule_is_quartz_with_timezone_and_paused_by_default() -> None:
+    settings = _settings("sequential", cron="30 6 * * 1-5", timezone="Europe/Amsterdam")
+    assert settings["schedule"] == {
+        "quartz_cron_expression": "0 30 6 ? * MON-FRI",
+        "timezone_id": "Europe/Amsterdam",
+        "pause_status": "PAUSED",
+    }
+    assert (
+        _settings("parallel", cron="@daily", paused=False)["schedule"]["pause_status"] == "UNPAUSED"
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"source_table": "orders; DROP TABLE x"}, "invalid source_table"),
+        ({"target_schema": "a.b.c"}, "invalid target_schema"),
+        ({"high_value_threshold": "lots"}, "high_value_threshold 'lots' must be a number"),
+        ({"high_value_threshold": "-1"}, "must be a number >= 0"),
+        ({"paused": False}, "--unpaused needs a schedule"),
+        ({"cron": "0 0 1 * 1"}, "both day-of-month and day-of-week"),
+        ({"cron": "@daily", "timezone": "Nowhere/City"}, "unknown timezone"),
+        ({"workspace_dir": "relative/dir"}, "absolute workspace folder"),
+        ({"workspace_dir": "/Shared/../etc"}, "'..'"),
+        ({"node_type_id": "i3.xlarge; rm"}, "node_type_id"),
+        ({"num_workers": -1}, "num_workers"),
+    ],
+)
+def test_bad_job_options(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        JobOptions(**options).validated()
+
+
+def test_diff_ignores_server_defaults_but_reports_edits() -> None:
+    desired = _settings("sequential")
+    deployed = json.loads(json.dumps(desired))
+    deployed["format"] = "MULTI_TASK"
+    deployed["run_as"] = {"user_name": "someone@example.com"}
+    deployed["email_notifications"] = {}
+    deployed["job_clusters"][0]["new_cluster"]["enable_elastic_disk"] = True
+    for task in deployed["tasks"]:
+        task["run_if"] = "ALL_SUCCESS"
+    assert diff_settings(desired, deployed) == []
+
+    deployed["tasks"][1]["depends_on"] = []
+    deployed["tasks"].pop()  # Notebook4 deleted by hand
+    deployed["tags"]["owner"] = "me"
+    deployed["schedule"] = {"quartz_cron_expression": "0 0 0 * * ?", "timezone_id": "UTC"}
+    changes = [str(c) for c in diff_settings(desired, deployed)]
+    assert '+ tasks[Notebook2].depends_on[Notebook1]: {"task_key": "Notebook1"}' in changes
+    assert any(c.startswith("+ tasks[Notebook4]:") for c in changes)
+    assert '- tags.owner: "me"' in changes
+    assert any(c.startswith("- schedule:") for c in changes)
+
+
+# ----------------------------------------------------------------------------------------------
+# The CLI
+# ----------------------------------------------------------------------------------------------
+
+
+def _cli(*argv: str) -> int:
+    """Parse like the main CLI would (it calls add_subcommands), then run the leaf's func."""
+    parser = argparse.ArgumentParser(prog="nbpipeline")
+    add_subcommands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(list(argv))
+    return args.func(args)
+
+
+def test_dry_run_json_needs_no_credentials_and_validates(databricks_env, capsys) -> None:
+    assert (
+        _cli(
+            "databricks",
+            "deploy",
+            "--dry-run",
+            "--json",
+            "--cron",
+            "0 6 * * MON-FRI",
+            "--timezone",
+            "America/New_York",
+            "--unpaused",
+        )
+        == 0
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"sequential", "parallel"}
+    for settings in out.values():
+        # Exactly what databricks-sdk would send, and nothing it does not know.
+        assert JobSettings.from_dict(settings).as_dict() == settings
+        assert settings["schedule"] == {
+            "quartz_cron_expression": "0 0 6 ? * MON-FRI",
+            "timezone_id": "America/New_York",
+            "pause_status": "UNPAUSED",
+        }
+    assert out["sequential"] == _settings(
+        "sequential", cron="0 6 * * MON-FRI", timezone="America/New_York", paused=False
+    )
+
+
+def test_dry_run_text_and_options(databricks_env, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("NBPIPELINE_DATABRICKS_NODE_TYPE_ID", "Standard_D4ds_v5")
+    assert (
+        _cli(
+            "databricks",
+            "deploy",
+            "--dry-run",
+            "--workspace-dir",
+            "/Shared/x",
+            "--num-workers",
+            "2",
+            "--source-table",
+            "main.sales.orders",
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "Notebook2  after Notebook1" in out and "/Shared/x/Notebook4" in out
+    assert "Standard_D4ds_v5 x 2 workers" in out
+    assert "schedule: none" in out and "dry run: nothing was uploaded" in out
+
+
+def test_cli_errors_are_nbpipeline_errors(databricks_env) -> None:
+    with pytest.raises(ConfigError, match="invalid cron"):
+        _cli("databricks", "deploy", "--dry-run", "--cron", "61 * * * *")
+    with pytest.raises(ConfigError, match="DATABRICKS_HOST is not set"):
+        _cli("databricks", "deploy")
+    with pytest.raises(SystemExit):  # argparse: --paused and --unpaused together
+        _cli("databricks", "deploy", "--paused", "--unpaused")
+
+
+def test_deploy_pages_through_the_job_list_and_updates_in_place(
+    loopback: LoopbackDatabricks, capsys
+) -> None:
+    # An old copy of the sequential job, then 30 unrelated jobs: with 25 jobs a page, newest
+    # first, the existing job is only on the second page.
+    existing = loopback.add_job({"name": "nbpipeline-sequential", "tasks": []})
+    for i in range(30):
+        loopback.add_job({"name": f"unrelated-{i}"})
+    assert _cli("databricks", "deploy", "--json") == 0
+    out = json.loads(capsys.readouterr().out)
+    actions = {j["name"]: (j["action"], j["job_id"]) for j in out["jobs"]}
+    assert actions["nbpipeline-sequential"] == ("updated", existing)
+    assert actions["nbpipeline-parallel"][0] == "created"
+    assert set(out["notebooks"].values()) == {"uploaded"}
+    assert len(loopback.jobs) == 32  # no duplicate
+
+    lists = loopback.requests_to("/jobs/list")
+    assert len(lists) == 2  # 32 jobs at 25 a page
+    assert "page_token" not in lists[0].query and lists[1].query["page_token"]
+    (reset,) = loopback.requests_to("/jobs/reset")
+    assert reset.body["job_id"] == existing
+    assert reset.body["new_settings"] == build_job_settings("sequential", JobOptions().validated())
+    (create,) = loopback.requests_to("/jobs/create")
+    assert create.body == build_job_settings("parallel", JobOptions().validated())
+
+    # Deploying again changes nothing and creates nothing.
+    assert _cli("databricks", "deploy") == 0
+    text = capsys.readouterr().out
+    assert "notebooks: 0 uploaded, 5 unchanged" in text
+    assert f"unchanged nbpipeline-sequential (job {existing})" in text
+    assert len(loopback.requests_to("/jobs/create")) == 1 and len(loopback.jobs) == 32
+
+
+def test_duplicate_jobs_stop_deploy_before_any_write(loopback: LoopbackDatabricks) -> None:
+    first = loopback.add_job({"name": "nbpipeline-parallel"})
+    second = loopback.add_job({"name": "nbpipeline-parallel"})
+    with pytest.raises(
+        ConfigError, match=f"2 jobs are named 'nbpipeline-parallel' \\(ids {first}, {second}\\)"
+    ):
+        _cli("databricks", "deploy")
+    assert not loopback.requests_to("/jobs/create") and not loopback.requests_to("/jobs/reset")
+
+
+def test_diff_shows_hand_edits_and_deploy_reverts_them(
+    loopback: LoopbackDatabricks, capsys
+) -> None:
+    assert _cli("databricks", "diff") == 1
+    assert "nbpipeline-sequential: not deployed; deploy would create it" in capsys.readouterr().out
+
+    _cli("databricks", "deploy", "--cron", "0 6 * * *")
+    capsys.readouterr()
+    assert _cli("databricks", "diff", "--cron", "0 6 * * *") == 0
+    assert "up to date" in capsys.readouterr().out
+
+    # Edit the deployed job by hand: a notification, a changed parameter, a removed dependency.
+    job_id = next(
+        i for i, j in loopback.jobs.items() if j["settings"]["name"] == "nbpipeline-sequential"
+    )
+    settings = loopback.jobs[job_id]["settings"]
+    settings["email_notifications"] = {"on_failure": ["ops@example.com"]}
+    settings["tasks"][3]["notebook_task"]["base_parameters"]["high_value_threshold"] = "5"
+    del settings["tasks"][2]["depends_on"]
+
+    assert _cli("databricks", "diff", "--cron", "0 6 * * *") == 1
+    out = capsys.readouterr().out
+    assert "nbpipeline-sequential (job" in out and "3 difference(s)" in out
+    assert (
+        '~ tasks[Notebook4].notebook_task.base_parameters.high_value_threshold: "5" -> "1000.00"'
+        in out
+    )
+    assert '+ tasks[Notebook3].depends_on: [{"task_key": "Notebook2"}]' in out
+    assert '- email_notifications: {"on_failure": ["ops@example.com"]}' in out
+    assert "nbpipeline-parallel (job" in out and "up to date" in out
+
+    # Without --cron, deploy would drop the schedule: diff says so.
+    assert _cli("databricks", "diff", "--json") == 1
+    report = json.loads(capsys.readouterr().out)
+    seq = next(d for d in report if d["mode"] == "sequential")
+    assert {"op": "-", "path": "schedule"} in [
+        {"op": c["op"], "path": c["path"]} for c in seq["changes"]
+    ]
+
+    # A full reset removes everything edited by hand.
+    _cli("databricks", "deploy", "--cron", "0 6 * * *")
+    capsys.readouterr()
+    assert "email_notifications" not in loopback.jobs[job_id]["settings"]
+    assert _cli("databricks", "diff", "--cron", "0 6 * * *") == 0
+
+
+def _fast(loopback: LoopbackDatabricks) -> None:
+    for name in NOTEBOOK_NAMES:
+        loopback.behave(name, setup_s=0.1, execution_s=0.3, cleanup_s=0.05)
+
+
+def test_run_sequential_prints_task_timings_from_the_run_record(
+    loopback: LoopbackDatabricks, capsys
+) -> None:
+    _fast(loopback)
+    _cli("databricks", "deploy")
+    capsys.readouterr()
+    assert (
+        _cli("databricks", "run", "sequential", "--poll-initial", "0.05", "--poll-max", "0.2") == 0
+    )
+    out = capsys.readouterr().out
+    assert "nbpipeline-sequential run" in out and "SUCCESS" in out
+    (run_now,) = loopback.requests_to("/jobs/run-now")
+    assert run_now.body["idempotency_token"].startswith("nbpipeline-")
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("Notebook")}
+    offsets = [float(lines[n].split()[2].rstrip("s")) for n in NOTEBOOK_NAMES]
+    assert offsets[0] == 0.0
+    # Each task starts when the one before ends: 0.1 s setup + 0.3 s + 0.05 s cleanup.
+    assert offsets == pytest.approx([0.0, 0.45, 0.9, 1.35], abs=0.06)
+
+    assert (
+        _cli(
+            "databricks", "run", "parallel", "--json", "--poll-initial", "0.05", "--poll-max", "0.2"
+        )
+        == 0
+    )
+    report = json.loads(capsys.readouterr().out)
+    assert report["result"] == "SUCCESS" and report["name"] == "nbpipeline-parallel"
+    run = loopback.runs[report["run_id"]]
+    truth = {t["task_key"]: t for t in loopback.timeline(run.run_id)["tasks"]}
+    for task in report["tasks"]:
+        assert task["start_offset_s"] == pytest.approx(0.0, abs=0.01)  # all at once
+        assert task["setup_s"] == pytest.approx(truth[task["task_key"]]["setup_s"], abs=0.002)
+        assert task["execution_s"] == pytest.approx(
+            truth[task["task_key"]]["execution_s"], abs=0.002
+        )
+    assert report["duration_s"] == pytest.approx(0.45, abs=0.01)
+
+
+def test_run_failure_reports_timings_then_raises(loopback: LoopbackDatabricks, capsys) -> None:
+    _fast(loopback)
+    loopback.behave("Notebook2", result="FAILED", error="ValueError: bad threshold")
+    _cli("databricks", "deploy")
+    capsys.readouterr()
+    with pytest.raises(NotebookError) as info:
+        _cli("databricks", "run", "sequential", "--poll-initial", "0.05", "--poll-max", "0.2")
+    assert str(info.value).startswith(
+        "Notebook2: FAILED in job nbpipeline-sequential: ValueError: bad threshold"
+    )
+    assert info.value.run_url and info.value.run_id
+    out = capsys.readouterr().out
+    assert "UPSTREAM_FAILED" in out and "error: ValueError: bad threshold" in out
+
+
+def test_run_needs_a_deployed_job(loopback: LoopbackDatabricks) -> None:
+    with pytest.raises(ConfigError, match="job nbpipeline-parallel is not deployed"):
+        _cli("databricks", "run", "parallel")
+
+
+def test_run_timeout_cancels(loopback: LoopbackDatabricks) -> None:
+    loopback.behave("Notebook1", execution_s=30)
+    _cli("databricks", "deploy")
+    with pytest.raises(NbPipelineError, match="no result after 1s"):
+        _cli(
+            "databricks",
+            "run",
+            "sequential",
+            "--timeout",
+            "1",
+            "--poll-initial",
+            "0.05",
+            "--poll-max",
+            "0.2",
+        )
+    (run,) = loopback.runs.values()
+    assert run.cancel_at is not None
+
+
+def test_api_errors_become_one_line_errors(loopback: LoopbackDatabricks, monkeypatch) -> None:
+    loopback.inject_error(
+        "GET", "/api/2.2/jobs/list", status=400, code="INVALID_STATE", message="nope"
+    )
+    with pytest.raises(NbPipelineError, match="Databricks API error: nope"):
+        _cli("databricks", "diff")
+
+
+def test_canary_token_never_appears_in_cli_output(
+    loopback: LoopbackDatabricks, monkeypatch, capsys, caplog
+) -> None:
+    canary = canary_token()
+    loopback.token = canary
+    monkeypatch.setenv("DATABRICKS_TOKEN", canary)
+    caplog.set_level("DEBUG")
+    _fast(loopback)
+    texts = []
+    _cli("databricks", "deploy")
+    _cli("databricks", "deploy", "--json")
+    _cli("databricks", "diff")
+    _cli("databricks", "run", "parallel", "--poll-initial", "0.05", "--poll-max", "0.2")
+    _cli("databricks", "run", "parallel", "--json", "--poll-initial", "0.05", "--poll-max", "0.2")
+    monkeypatch.setenv("DATABRICKS_TOKEN", canary + "-wrong")
+    with pytest.raises(NbPipelineError) as info:
+        _cli("databricks", "diff")
+    texts.append(str(info.value))
+    out, err = capsys.readouterr()
+    texts += [out, err, caplog.text]
+    assert "nbpipeline-parallel" in out
+    assert not [t[:200] for t in texts if canary in t]
+
+
+def test_deploy_function_reports_notebooks_and_jobs(loopback: LoopbackDatabricks) -> None:
+    ws = make_workspace_client(loopback.host, TOKEN)
+    result = deploy(ws, JobOptions(workspace_dir="/Shared/elsewhere").validated())
+    assert [j["action"] for j in result.jobs] == ["created", "created"]
+    assert "/Shared/elsewhere/_common" in loopback.objects
+    text = result.format_text()
+    assert "notebooks: 5 uploaded, 0 unchanged" in text and "created nbpipeline-parallel" in text
+
+
+def test_only_one_job_can_be_deployed_and_scheduled(loopback: LoopbackDatabricks, capsys) -> None:
+    assert _cli("databricks", "deploy", "--dry-run", "--json", "--only", "sequential") == 0
+    assert set(json.loads(capsys.readouterr().out)) == {"sequential"}
+    assert _cli("databricks", "deploy", "--only", "sequential", "--cron", "@daily") == 0
+    names = sorted(j["settings"]["name"] for j in loopback.jobs.values())
+    assert names == ["nbpipeline-sequential"]
+    (job,) = loopback.jobs.values()
+    assert job["settings"]["schedule"]["quartz_cron_expression"] == "0 0 0 * * ?"
+    capsys.readouterr()
+    assert _cli("databricks", "diff", "--only", "sequential", "--cron", "@daily") == 0
+    assert "nbpipeline-parallel" not in capsys.readouterr().out
