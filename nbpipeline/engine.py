@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
 DEFAULT_PORT = 15002
 START_TIMEOUT_S = 180.0
+# Client sessions of this process, by Spark Connect URL.
+_sessions: dict[str, SparkSession] = {}
 
 
 def _log_progress(message: str) -> None:
@@ -406,6 +408,11 @@ def start(config: EngineConfig | None = None, progress: Progress | None = None) 
 def stop(config: EngineConfig | None = None, timeout_s: float = 20.0) -> bool:
     """Stop the local engine (its whole process group). Returns whether one was running."""
     config = config or EngineConfig.from_env()
+    # Close this process's sessions first: a client left pointing at a stopped server keeps
+    # retrying it (minutes) when the interpreter exits.
+    for url in [u for u in _sessions if u == config.url]:
+        with contextlib.suppress(Exception):
+            _sessions.pop(url).stop()
     state = _read_state(config)
     if not state or not state.get("pid") or not _pid_alive(state["pid"]):
         (config.state_dir / "server.json").unlink(missing_ok=True)
@@ -435,9 +442,6 @@ def engine_url(remote: str | None = None) -> str:
             raise EngineError(f"Spark Connect URL {remote!r} must start with sc://")
         return remote
     return EngineConfig.from_env().url
-
-
-_sessions: dict[str, SparkSession] = {}
 
 
 def get_spark(
@@ -470,6 +474,7 @@ def get_spark(
         _sessions.pop(url, None)
     try:
         session = SparkSession.builder.remote(url).create()
+        _bound_retries(session)
         session.sql("SELECT 1").collect()
     except Exception as exc:  # grpc errors carry long traces; keep the first line
         raise EngineError(
@@ -507,6 +512,23 @@ def classic_session(
     for key, value in conf.items():
         builder = builder.config(key, value)
     return builder.getOrCreate()
+
+
+# pyspark's default retries a lost server for ten minutes; a local engine that went away should
+# be reported within seconds. ~30 s of retries still rides out a busy server.
+RETRY_POLICY = {
+    "max_retries": 8,
+    "backoff_multiplier": 2.0,
+    "initial_backoff": 200,
+    "max_backoff": 5000,
+}
+
+
+def _bound_retries(session: SparkSession) -> None:
+    from pyspark.sql.connect.client.retries import DefaultPolicy
+
+    with contextlib.suppress(AttributeError):  # a classic session has no gRPC client
+        session.client.set_retry_policies([DefaultPolicy(**RETRY_POLICY)])
 
 
 def _session_alive(session: SparkSession) -> bool:
