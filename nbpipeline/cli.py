@@ -196,7 +196,11 @@ def _add_optional_commands(sub: Any) -> None:
     """Commands that live in their own modules (pipeline runs, comparison, Databricks)."""
     import importlib
 
-    for module in ("nbpipeline.cli_pipeline", "nbpipeline.cli_databricks"):
+    for module in (
+        "nbpipeline.cli_pipeline",
+        "nbpipeline.cli_compare",
+        "nbpipeline.cli_databricks",
+    ):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

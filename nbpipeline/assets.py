@@ -1,0 +1,452 @@
+"""The asset graph: the `orders` source and the five Delta outputs, one op per notebook.
+
+Each notebook is one Dagster step (a `multi_asset`): Notebook1..3 write one table each, Notebook4
+writes `order_facts` and `high_value_orders` in the same run. The notebook's widget values are
+the step's run config (shown in the launchpad, defaults read from the notebook's own widgets) and
+are validated before the notebook runs, so bad input fails with one line before anything is
+written. Steps talk to an abstract `NotebookBackend` only, so the graph is the same on the local
+engine and on Databricks.
+
+Deliberately no `from __future__ import annotations`: the per-notebook config classes are made at
+import time and Dagster reads the step functions' annotations as objects.
+"""
+
+import functools
+import re
+from collections.abc import Iterator, Mapping
+from decimal import Decimal, InvalidOperation
+from typing import Any, Literal
+
+import dagster as dg
+import pydantic
+from pydantic import Field
+
+from nbpipeline import settings
+from nbpipeline.backends.base import NOTEBOOK_NAMES, NotebookBackend, NotebookRun
+from nbpipeline.errors import ConfigError, EngineError, JarsError, NbPipelineError, NotebookError
+from nbpipeline.identifiers import parse_schema, parse_table
+from nbpipeline.metadata import ROW_COUNT_KEY, TABLE_KEY, URI_KEY, table_metadata
+from nbpipeline.resources import spark_session
+from nbpipeline.runtime import declared_widgets
+from nbpipeline.tables import OUTPUT_KEYS, OUTPUT_TABLES
+
+GROUP = "nbpipeline"
+KINDS = {"spark", "delta"}
+ORDERS_KEY = dg.AssetKey("orders")
+MODE_TAG = "nbpipeline/mode"
+SOURCE_VERSION_TAG = "nbpipeline/source_version"
+# Set only when the steps of one run read different source versions (the source changed mid-run).
+SOURCE_VERSIONS_TAG = "nbpipeline/source_versions"
+DEFAULT_TIMEOUT_SECONDS = 3600
+
+#: A bounded retry for transient failures (engine restart, Delta commit conflict, network).
+#: Bad parameters and data errors are raised as `dg.Failure(allow_retries=False)` instead.
+RETRY_POLICY = dg.RetryPolicy(
+    max_retries=3, delay=2.0, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
+)
+
+TABLE_DESCRIPTIONS: dict[str, str] = {
+    "daily_sales": (
+        "One row per (order_date, region) with counted orders: orders, returned orders, and "
+        "units / gross / net revenue of revenue-bearing orders. Written by Notebook1."
+    ),
+    "customer_summary": (
+        "One row per customer with counted orders: order count, first / last order, lifetime "
+        "value and favourite category. Written by Notebook2."
+    ),
+    "product_performance": (
+        "One row per product with counted orders: category, orders, units sold, net revenue and "
+        "return rate. Written by Notebook3."
+    ),
+    "order_facts": (
+        "One row per valid, deduplicated order (all statuses) with its derived amounts. Written "
+        "by Notebook4."
+    ),
+    "high_value_orders": (
+        "Revenue-bearing orders whose net amount is at least high_value_threshold. Written by "
+        "Notebook4."
+    ),
+}
+
+WIDGET_DESCRIPTIONS: dict[str, str] = {
+    "source_table": "Source table: [catalog.]schema.table or delta.`/absolute/path`.",
+    "target_schema": "Output schema ([catalog.]schema); empty: the source table's schema.",
+    "high_value_threshold": "Net amount (decimal, >= 0) from which an order is high-value.",
+}
+
+_THRESHOLD_RE = re.compile(r"^\d+(\.\d{1,6})?$")
+
+
+def pool_name(notebook: str) -> str:
+    """The concurrency pool of a notebook step. Each table is written by exactly one notebook,
+    so one pool per notebook (limit 1) means no two runs MERGE the same table at once."""
+    return f"nbpipeline/{notebook}"
+
+
+def notebook_tables(notebook: str) -> list[str]:
+    """The output tables a notebook writes, in the contract's order."""
+    return [name for name, nb in OUTPUT_TABLES.items() if nb == notebook]
+
+
+@functools.cache
+def notebook_widgets(notebook: str) -> dict[str, str]:
+    """The widgets (name -> default) the notebook declares, read statically from its source."""
+    return declared_widgets(settings.notebooks_dir() / f"{notebook}.py")
+
+
+def all_widgets() -> dict[str, list[str]]:
+    """Widget name -> the notebooks declaring it."""
+    out: dict[str, list[str]] = {}
+    for notebook in NOTEBOOK_NAMES:
+        for name in notebook_widgets(notebook):
+            out.setdefault(name, []).append(notebook)
+    return out
+
+
+def validate_widget_values(values: Mapping[str, str], *, where: str = "") -> None:
+    """Check the widget values nbpipeline understands; raise ConfigError naming the bad one.
+
+    The notebooks check them again (they run on Databricks too); checking here fails the step
+    before any notebook starts, with a clear message and no retry.
+    """
+    prefix = f"{where}: " if where else ""
+    try:
+        if "source_table" in values:
+            parse_table(values["source_table"], what="source_table")
+        if values.get("target_schema"):
+            parse_schema(values["target_schema"], what="target_schema")
+    except ConfigError as exc:
+        raise ConfigError(prefix + exc.message, hint=exc.hint) from None
+    if "high_value_threshold" in values:
+        raw = str(values["high_value_threshold"]).strip()
+        ok = bool(_THRESHOLD_RE.match(raw))
+        if ok:
+            try:
+                ok = Decimal(raw) < Decimal(10) ** 30
+            except InvalidOperation:
+                ok = False
+        if not ok:
+            raise ConfigError(
+                f"{prefix}invalid high_value_threshold {values['high_value_threshold']!r}: "
+                "expected a non-negative decimal with at most 6 decimals, e.g. 1000.00"
+            )
+
+
+class NotebookConfig(dg.Config):
+    """Run config of a notebook step: the notebook's widget values and a timeout.
+
+    Subclasses per notebook (made by `_config_class`) add one string field per declared widget,
+    with the notebook's own default.
+    """
+
+    # `timeout_seconds: int` is declared per notebook, after the widgets, so the launchpad
+    # lists the widgets first.
+
+    def widget_values(self) -> dict[str, str]:
+        """The widget parameters to pass to the notebook (every field but the timeout)."""
+        values = self.model_dump()
+        values.pop("timeout_seconds", None)
+        return {str(k): str(v) for k, v in values.items()}
+
+
+def _config_class(notebook: str) -> type[NotebookConfig]:
+    fields: dict[str, Any] = {
+        name: (
+            str,
+            Field(default=default, description=WIDGET_DESCRIPTIONS.get(name, f"Widget {name}.")),
+        )
+        for name, default in notebook_widgets(notebook).items()
+    }
+    fields["timeout_seconds"] = (
+        int,
+        Field(
+            default=DEFAULT_TIMEOUT_SECONDS,
+            description="Seconds before the notebook run is cancelled and the step fails.",
+        ),
+    )
+    return pydantic.create_model(  # type: ignore[call-overload]
+        f"{notebook}Config",
+        __base__=NotebookConfig,
+        __doc__=f"Widget values for {notebook} and its timeout.",
+        **fields,
+    )
+
+
+NOTEBOOK_CONFIGS: dict[str, type[NotebookConfig]] = {nb: _config_class(nb) for nb in NOTEBOOK_NAMES}
+
+
+def op_config(
+    params: Mapping[str, str] | None = None,
+    *,
+    timeout_seconds: int | None = None,
+    notebooks: tuple[str, ...] = NOTEBOOK_NAMES,
+) -> dict[str, Any]:
+    """Run config `ops` section giving each notebook step the params it declares.
+
+    A parameter goes to every notebook that declares a widget of that name; an unknown one (no
+    notebook declares it) is a ConfigError naming it and the known ones.
+    """
+    params = dict(params or {})
+    widgets = all_widgets()
+    unknown = sorted(set(params) - set(widgets))
+    if unknown:
+        raise ConfigError(
+            f"unknown parameter(s) {', '.join(unknown)}: no notebook declares them; "
+            f"known: {', '.join(sorted(widgets))}"
+        )
+    validate_widget_values(params)
+    ops: dict[str, Any] = {}
+    for notebook in notebooks:
+        config: dict[str, Any] = {
+            k: str(v) for k, v in params.items() if k in notebook_widgets(notebook)
+        }
+        if timeout_seconds is not None:
+            config["timeout_seconds"] = int(timeout_seconds)
+        ops[notebook] = {"config": config}
+    return ops
+
+
+# --------------------------------------------------------------------------- failures
+
+
+# Messages of failures worth retrying: Delta commit conflicts and a lost connection to the engine.
+_TRANSIENT_MARKERS = (
+    "ConcurrentAppendException",
+    "ConcurrentDeleteReadException",
+    "ConcurrentDeleteDeleteException",
+    "ConcurrentTransactionException",
+    "MetadataChangedException",
+    "ProtocolChangedException",
+    "DELTA_CONCURRENT",
+    "UNAVAILABLE",
+    "Connection refused",
+    "Connection reset",
+    "Socket closed",
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a failed notebook step may succeed if simply tried again."""
+    if isinstance(exc, JarsError):
+        return False  # missing Delta JARs stay missing
+    if isinstance(exc, EngineError):
+        return True
+    if isinstance(exc, NotebookError):
+        # A failing cell is a data or code error unless the message says otherwise; a timeout
+        # would most likely time out again.
+        return any(marker in str(exc.reason) for marker in _TRANSIENT_MARKERS)
+    # Anything unexpected (gRPC hiccups, HTTP errors) gets the bounded retry; our own errors
+    # (bad settings, engine JARs missing) would fail the same way again.
+    return not isinstance(exc, NbPipelineError)
+
+
+def _failure(notebook: str, exc: NbPipelineError) -> dg.Failure:
+    """A one-line, non-retried step failure carrying the details as metadata."""
+    text = str(exc)
+    metadata: dict[str, Any] = {"notebook": notebook, "error": text}
+    if isinstance(exc, NotebookError):
+        if exc.cell is not None:
+            metadata["cell"] = exc.cell
+        if exc.traceback_text:
+            metadata["notebook_traceback"] = dg.MetadataValue.md(f"```\n{exc.traceback_text}```")
+        if exc.run_url:
+            metadata["run_url"] = dg.MetadataValue.url(exc.run_url)
+    first_line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    if not first_line.startswith(notebook):
+        first_line = f"{notebook}: {first_line}"
+    return dg.Failure(description=first_line, metadata=metadata, allow_retries=False)
+
+
+# --------------------------------------------------------------------------- notebook steps
+
+
+def _tag_source_version(context: dg.AssetExecutionContext, run: NotebookRun) -> None:
+    """Tag the run with the source version its notebooks read, so runs on the same input pair up.
+
+    The first step to finish sets `nbpipeline/source_version`; a step that read another version
+    (the source changed during the run) records all of them in `nbpipeline/source_versions`.
+    """
+    version = run.exit_value.get("source_version")
+    if version is None:
+        return
+    value = str(version)
+    instance = context.instance
+    dagster_run = instance.get_run_by_id(context.run_id)
+    tags = dagster_run.tags if dagster_run else {}
+    current = tags.get(SOURCE_VERSION_TAG)
+    if current is None:
+        instance.add_run_tags(context.run_id, {SOURCE_VERSION_TAG: value})
+    elif current != value:
+        seen = set(tags.get(SOURCE_VERSIONS_TAG, current).split(",")) | {value}
+        context.log.warning(
+            f"{run.notebook} read source version {value}, another step of this run read {current}"
+        )
+        instance.add_run_tags(
+            context.run_id, {SOURCE_VERSIONS_TAG: ",".join(sorted(seen, key=int))}
+        )
+
+
+def execute_notebook_step(
+    context: dg.AssetExecutionContext,
+    notebook: str,
+    config: NotebookConfig,
+    backend: NotebookBackend,
+) -> Iterator[dg.MaterializeResult]:
+    """Validate the parameters, run the notebook, and yield one materialization per table."""
+    params = config.widget_values()
+    try:
+        validate_widget_values(params, where=notebook)
+        if config.timeout_seconds <= 0:
+            raise ConfigError(
+                f"{notebook}: timeout_seconds must be > 0, got {config.timeout_seconds}"
+            )
+    except ConfigError as exc:
+        raise _failure(notebook, exc) from None
+    context.log.info(
+        f"Running {notebook} on the {backend.backend_name} backend ({backend.engine_address()}) "
+        f"with {params}"
+    )
+    try:
+        run = backend.run_notebook(
+            notebook, params, timeout_seconds=config.timeout_seconds, log=context.log
+        )
+    except NbPipelineError as exc:
+        if is_transient(exc):
+            raise
+        raise _failure(notebook, exc) from None
+    _tag_source_version(context, run)
+    by_asset = {str(t.get("asset")): t for t in run.tables}
+    for name in notebook_tables(notebook):
+        table = by_asset.get(name)
+        if table is None:
+            raise dg.Failure(
+                description=f"{notebook} finished but its exit value reports no table {name!r}",
+                metadata={"exit_value": dg.MetadataValue.json(run.exit_value)},
+                allow_retries=False,
+            )
+        metadata = table_metadata(run, table)
+        if "high_value_threshold" in params and name == "high_value_orders":
+            metadata["high_value_threshold"] = params["high_value_threshold"]
+        yield dg.MaterializeResult(asset_key=dg.AssetKey(name), metadata=metadata)
+
+
+def _notebook_assets(notebook: str) -> dg.AssetsDefinition:
+    specs = [
+        dg.AssetSpec(
+            key=name,
+            deps=[ORDERS_KEY],
+            description=TABLE_DESCRIPTIONS[name],
+            kinds=KINDS,
+            group_name=GROUP,
+            metadata={"notebook": notebook, "key_columns": ", ".join(OUTPUT_KEYS[name])},
+        )
+        for name in notebook_tables(notebook)
+    ]
+
+    def _step(context, config, notebook_backend) -> Iterator[dg.MaterializeResult]:
+        yield from execute_notebook_step(context, notebook, config, notebook_backend)
+
+    # Annotations as objects: the config class differs per notebook.
+    _step.__annotations__ = {
+        "context": dg.AssetExecutionContext,
+        "config": NOTEBOOK_CONFIGS[notebook],
+        "notebook_backend": NotebookBackend,
+    }
+    _step.__name__ = notebook
+    return dg.multi_asset(
+        name=notebook,
+        specs=specs,
+        description=f"Runs notebooks/{notebook}.py and MERGEs {', '.join(notebook_tables(notebook))}.",
+        pool=pool_name(notebook),
+        retry_policy=RETRY_POLICY,
+    )(_step)
+
+
+NOTEBOOK_ASSETS: dict[str, dg.AssetsDefinition] = {
+    nb: _notebook_assets(nb) for nb in NOTEBOOK_NAMES
+}
+
+#: Asset keys of the five outputs, in the contract's order.
+OUTPUT_ASSET_KEYS: list[dg.AssetKey] = [dg.AssetKey(name) for name in OUTPUT_TABLES]
+
+
+# --------------------------------------------------------------------------- the source
+
+
+class OrdersConfig(dg.Config):
+    """Seed the source table, or apply an upstream-like change batch to it."""
+
+    table: str = Field(
+        default=settings.DEFAULT_SOURCE_TABLE,
+        description="Source table: [catalog.]schema.table or delta.`/absolute/path`.",
+    )
+    mode: Literal["seed", "changes"] = Field(
+        default="seed",
+        description="seed: (re)create the table with `rows` orders; changes: MERGE a change batch.",
+    )
+    rows: int = Field(default=10_000, description="seed: number of orders to generate.")
+    seed: int = Field(default=42, description="Random seed (same seed, same data).")
+    dirty: bool = Field(
+        default=False, description="seed: add rejected rows and duplicate order_ids (rows >= 200)."
+    )
+    fraction: float = Field(
+        default=0.05, description="changes: fraction of the orders to change, in (0, 1]."
+    )
+
+
+@dg.asset(
+    key=ORDERS_KEY,
+    group_name=GROUP,
+    kinds=KINDS,
+    pool="nbpipeline/orders",
+    description=(
+        "The orders source table (one row per order, upserted upstream). Materialize it to seed "
+        "synthetic orders (mode=seed) or apply a change batch (mode=changes)."
+    ),
+)
+def orders(
+    context: dg.AssetExecutionContext, config: OrdersConfig, notebook_backend: NotebookBackend
+) -> dg.MaterializeResult:
+    from nbpipeline import seed
+    from nbpipeline.tables import table_info
+
+    try:
+        ref = parse_table(config.table, what="table")
+        spark = spark_session(notebook_backend)
+        if config.mode == "seed":
+            result = seed.seed_orders(
+                spark,
+                config.table,
+                rows=config.rows,
+                seed=config.seed,
+                dirty=config.dirty,
+                progress=context.log.info,
+            )
+        else:
+            result = seed.apply_changes(
+                spark,
+                config.table,
+                fraction=config.fraction,
+                seed=config.seed,
+                progress=context.log.info,
+            )
+    except ConfigError as exc:
+        raise dg.Failure(description=f"orders: {exc}", allow_retries=False) from None
+    info = table_info(spark, ref)
+    metadata: dict[str, Any] = {
+        "mode": config.mode,
+        "rows": info["rows"],
+        "delta_version": info["version"],
+        "seconds": result.get("seconds"),
+    }
+    for key in ("updated", "inserted"):
+        if key in result:
+            metadata[f"rows_{key}"] = result[key]
+    metadata[TABLE_KEY] = ref.sql
+    metadata[ROW_COUNT_KEY] = info["rows"]
+    if info["location"]:
+        metadata[URI_KEY] = str(info["location"])
+    return dg.MaterializeResult(metadata=metadata)
+
+
+ALL_ASSETS: list[dg.AssetsDefinition] = [orders, *NOTEBOOK_ASSETS.values()]

@@ -1,0 +1,86 @@
+"""`nbpipeline compare` and `nbpipeline bench`: what parallel execution buys, and where time goes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from nbpipeline.errors import ConfigError
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)  # noqa: T201 - CLI progress
+
+
+def add_subcommands(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "compare", help="compare a sequential and a parallel run: per-step timings and speedup"
+    )
+    p.add_argument("--runs", nargs=2, metavar=("A", "B"), help="two Dagster run ids")
+    p.add_argument(
+        "--databricks-runs",
+        nargs=2,
+        type=int,
+        metavar=("SEQ", "PAR"),
+        help="two Databricks job run ids (of `nbpipeline databricks run sequential|parallel`)",
+    )
+    p.add_argument("--source-version", help="pair runs on this source version (default: newest)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--plot", metavar="FILE", help="draw both timelines to FILE (PNG)")
+    p.set_defaults(func=cmd_compare)
+
+    p = subparsers.add_parser(
+        "bench", help="time the two jobs, the orchestration notebooks and per-process Spark"
+    )
+    p.add_argument("--rows", type=int, required=True, help="source rows (seeded once, reused)")
+    p.add_argument("--repeat", type=int, default=3, help="rounds; modes are interleaved")
+    p.add_argument("--seed", type=int, default=42, help="seed of the source data")
+    p.add_argument("--modes", help="comma-separated subset of modes (default: all five)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_bench)
+
+
+def _databricks_pair(seq: int, par: int):
+    from nbpipeline import comparison, databricks_jobs
+    from nbpipeline.cli_databricks import _client
+
+    _, ws = _client()
+    timings = []
+    for mode, run_id in (("sequential", seq), ("parallel", par)):
+        run = ws.jobs.get_run(run_id)
+        report = databricks_jobs.job_run_report(ws, mode, int(run.job_id or 0), run)
+        timings.append(comparison.timing_from_databricks(report))
+    return comparison.Comparison(sequential=timings[0], parallel=timings[1])
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from nbpipeline import comparison
+
+    if args.runs and args.databricks_runs:
+        raise ConfigError("give --runs or --databricks-runs, not both")
+    if args.databricks_runs:
+        result = _databricks_pair(*args.databricks_runs)
+    else:
+        from nbpipeline.instance import get_instance
+
+        instance = get_instance(_progress)
+        first, second = args.runs or comparison.latest_pair(instance, args.source_version)
+        result = comparison.compare_runs(instance, first, second)
+    if args.plot:
+        path = comparison.plot(result, args.plot)
+        _progress(f"Wrote {path}")
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.to_text())  # noqa: T201
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from nbpipeline import bench
+
+    modes = tuple(m.strip() for m in args.modes.split(",")) if args.modes else bench.MODES
+    result = bench.bench(
+        rows=args.rows, repeat=args.repeat, seed=args.seed, modes=modes, progress=_progress
+    )
+    print(json.dumps(result, indent=2) if args.json else bench.format_table(result))  # noqa: T201
+    return 0

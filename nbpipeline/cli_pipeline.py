@@ -1,0 +1,392 @@
+"""`nbpipeline run sequential|parallel` and `nbpipeline ui`: the Dagster jobs from the shell.
+
+`run` executes a job against the same Dagster instance the UI reads (DAGSTER_HOME, or
+`$NBPIPELINE_HOME/dagster_home`), prints each step's progress to stderr as it happens (read from
+the instance's event log by a second thread, since the job runs in this thread), then the run id
+on stdout. It exits 1 with the failing step's error when the run fails, 2 on bad input (before
+anything is launched). `ui` runs `dagster dev` in the project root on that same instance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from nbpipeline.errors import ConfigError
+
+if TYPE_CHECKING:
+    import dagster as dg
+
+LAUNCH_TAG = "nbpipeline/launch_id"
+LAUNCHED_BY_TAG = "nbpipeline/launched_by"
+_POLL_SECONDS = 0.5
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)  # noqa: T201 - CLI output
+
+
+def add_subcommands(subparsers: Any) -> None:
+    """Add `run` and `ui` to the main CLI's subparsers action."""
+    from nbpipeline.settings import DEFAULT_SOURCE_TABLE
+
+    p = subparsers.add_parser(
+        "run",
+        help="run the four notebooks as a Dagster job (sequential or parallel)",
+        description=(
+            "Run the sequential_notebooks or parallel_notebooks job on the Dagster instance the "
+            "UI reads (DAGSTER_HOME, else $NBPIPELINE_HOME/dagster_home). Prints step progress "
+            "to stderr and the run id to stdout; exits 1 if the run fails."
+        ),
+    )
+    p.add_argument("mode", choices=["sequential", "parallel"], help="which job to run")
+    p.add_argument(
+        "--source",
+        metavar="TABLE",
+        help=f"source table for every notebook (default {DEFAULT_SOURCE_TABLE})",
+    )
+    p.add_argument(
+        "--param",
+        action="append",
+        metavar="KEY=VALUE",
+        help="notebook widget value, given to every notebook that declares it (repeatable)",
+    )
+    p.add_argument(
+        "--max-concurrent",
+        type=int,
+        metavar="N",
+        help="parallel: steps at once (default $NBPIPELINE_MAX_CONCURRENT or 4)",
+    )
+    p.add_argument(
+        "--timeout", type=int, metavar="SECONDS", help="per-notebook timeout (default 3600)"
+    )
+    p.add_argument(
+        "--dagster-log",
+        action="store_true",
+        help="also print Dagster's own event log lines (DEBUG level) to stderr",
+    )
+    p.set_defaults(func=cmd_run)
+
+    p = subparsers.add_parser(
+        "ui",
+        help="start the Dagster UI (dagster dev) on the same instance as `nbpipeline run`",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=3000, help="port (default 3000)")
+    p.set_defaults(func=cmd_ui)
+
+
+# --------------------------------------------------------------------------- run
+
+
+def build_run_config(
+    mode: str,
+    *,
+    source: str | None = None,
+    params: dict[str, str] | None = None,
+    max_concurrent: int | None = None,
+    timeout_seconds: int | None = None,
+) -> dict[str, Any]:
+    """Run config for `mode` from CLI options; bad or unknown values raise ConfigError."""
+    from nbpipeline.assets import op_config
+    from nbpipeline.jobs import parallel_execution_config
+
+    params = dict(params or {})
+    if source is not None:
+        if "source_table" in params and params["source_table"] != source:
+            raise ConfigError("--source and --param source_table= disagree; give one of them")
+        params["source_table"] = source
+    if timeout_seconds is not None and timeout_seconds <= 0:
+        raise ConfigError(f"invalid --timeout {timeout_seconds}: expected seconds > 0")
+    run_config: dict[str, Any] = {"ops": op_config(params, timeout_seconds=timeout_seconds)}
+    if max_concurrent is not None:
+        if mode != "parallel":
+            raise ConfigError("--max-concurrent applies to `nbpipeline run parallel` only")
+        if max_concurrent < 1:
+            raise ConfigError(f"invalid --max-concurrent {max_concurrent}: expected N >= 1")
+        run_config["execution"] = parallel_execution_config(max_concurrent)
+    return run_config
+
+
+def _first_line(text: str | None) -> str:
+    lines = [ln for ln in (text or "").strip().splitlines() if ln.strip()]
+    return lines[0] if lines else ""
+
+
+def step_error(event: dg.DagsterEvent) -> str:
+    """The one-line reason of a STEP_FAILURE event (a dg.Failure's description if it has one)."""
+    data = event.step_failure_data
+    if data is None:
+        return _first_line(event.message)
+    if data.user_failure_data is not None and data.user_failure_data.description:
+        return _first_line(data.user_failure_data.description)
+    error = data.error
+    # Errors raised in the step are wrapped ("Error occurred while executing op ..."): the
+    # user's exception is the cause.
+    while error is not None and error.cause is not None and "Error occurred while" in error.message:
+        error = error.cause
+    return _first_line(error.message if error is not None else event.message)
+
+
+class ProgressPrinter(threading.Thread):
+    """Prints a run's step events from the instance's event log while the run executes.
+
+    The run is found by its launch tag (the run id is only known once `execute_job` created it).
+    """
+
+    def __init__(self, launch_id: str, out: Callable[[str], None] = _progress) -> None:
+        super().__init__(name="nbpipeline-progress", daemon=True)
+        self.launch_id = launch_id
+        self.out = out
+        self.run_id: str | None = None
+        self._cursor: str | None = None
+        self._done = threading.Event()
+        self._t0 = time.monotonic()
+        self._step_started: dict[str, float] = {}
+        self._hinted = False
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join(timeout=10)
+
+    def run(self) -> None:
+        import dagster as dg
+
+        # Its own instance object: storage connections are not shared across threads.
+        instance = dg.DagsterInstance.get()
+        try:
+            while not self._done.is_set():
+                self._poll(instance)
+                self._done.wait(_POLL_SECONDS)
+            self._poll(instance)  # what happened between the last poll and the end
+        except Exception as exc:  # noqa: BLE001 - progress is best effort; the run goes on
+            self.out(f"(progress display stopped: {exc})")
+        finally:
+            instance.dispose()
+
+    def _poll(self, instance: dg.DagsterInstance) -> None:
+        import dagster as dg
+
+        if self.run_id is None:
+            runs = instance.get_runs(filters=dg.RunsFilter(tags={LAUNCH_TAG: self.launch_id}))
+            if not runs:
+                return
+            self.run_id = runs[0].run_id
+            self.out(f"Run {self.run_id} of {runs[0].job_name} started")
+        while True:
+            conn = instance.get_records_for_run(self.run_id, cursor=self._cursor, limit=200)
+            for record in conn.records:
+                self._show(record.event_log_entry)
+            self._cursor = conn.cursor
+            if not conn.has_more:
+                break
+
+    def _show(self, entry: Any) -> None:
+        import dagster as dg
+
+        event = entry.dagster_event
+        if event is None:
+            # A step's own log line: show warnings and errors (e.g. a source version mismatch).
+            if entry.level >= logging.WARNING and entry.user_message:
+                self.out(f"{entry.step_key or ''}: {entry.user_message}")
+            return
+        kind = event.event_type
+        step = event.step_key or ""
+        now = f"[{time.monotonic() - self._t0:6.1f}s]"
+        if kind == dg.DagsterEventType.STEP_START:
+            self._step_started[step] = time.monotonic()
+            self.out(f"{now} {step}: started")
+        elif kind == dg.DagsterEventType.STEP_SUCCESS:
+            took = time.monotonic() - self._step_started.get(step, self._t0)
+            self.out(f"{now} {step}: succeeded ({took:.1f}s)")
+        elif kind == dg.DagsterEventType.STEP_FAILURE:
+            self.out(f"{now} {step}: FAILED: {step_error(event)}")
+        elif kind == dg.DagsterEventType.STEP_UP_FOR_RETRY:
+            self.out(f"{now} {step}: failed, will retry: {_first_line(event.message)}")
+        elif kind == dg.DagsterEventType.STEP_SKIPPED:
+            self.out(f"{now} {step}: skipped")
+        elif kind == dg.DagsterEventType.ASSET_MATERIALIZATION:
+            mat = event.step_materialization_data.materialization
+            meta = {k: getattr(v, "value", v) for k, v in mat.metadata.items()}
+            figures = ", ".join(
+                f"{k.replace('rows_', '')}={meta[k]}"
+                for k in ("rows_inserted", "rows_updated", "rows_deleted")
+                if k in meta
+            )
+            version = meta.get("delta_version")
+            self.out(
+                f"{now} {step}: wrote {mat.asset_key.to_user_string()}"
+                + (f" version {version}" if version is not None else "")
+                + (f" ({figures})" if figures else "")
+            )
+        elif kind == dg.DagsterEventType.ASSET_CHECK_EVALUATION:
+            data = event.asset_check_evaluation_data
+            verdict = "passed" if data.passed else "FAILED"
+            self.out(
+                f"{now} check {data.asset_key.to_user_string()}:{data.check_name} {verdict}"
+                + ("" if data.passed else f": {data.description or ''}")
+            )
+        elif kind == dg.DagsterEventType.ENGINE_EVENT and "pool" in (event.message or ""):
+            # Waiting for another run to release a table's pool.
+            self.out(f"{now} {step}: {event.message}")
+            if not self._hinted:
+                self._hinted = True
+                self.out(
+                    "  (another run is writing the same table; if no other run is active, a "
+                    "killed run may still hold the slot: free it in the UI under Deployment > "
+                    "Concurrency)"
+                )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from nbpipeline.cli import parse_params
+
+    run_config = build_run_config(
+        args.mode,
+        source=args.source,
+        params=parse_params(args.param),
+        max_concurrent=args.max_concurrent,
+        timeout_seconds=args.timeout,
+    )
+    if not args.dagster_log:
+        # The progress lines below say what happened; Dagster's console logger would repeat
+        # every event. The event log (what the UI shows) keeps everything either way.
+        run_config["loggers"] = {"console": {"config": {"log_level": "CRITICAL"}}}
+    result = run_job(args.mode, run_config)
+    print(result["run_id"])  # noqa: T201 - the command's result
+    if not result["success"]:
+        print(f"error: {result['error']}", file=sys.stderr)  # noqa: T201 - CLI output
+        return 1
+    failed = result["failed_checks"]
+    if failed:
+        _progress(f"warning: {len(failed)} asset check(s) failed: {', '.join(failed)}")
+    return 0
+
+
+def run_job(
+    mode: str,
+    run_config: dict[str, Any],
+    *,
+    tags: dict[str, str] | None = None,
+    out: Callable[[str], None] = _progress,
+) -> dict[str, Any]:
+    """Execute the job of `mode` on the persistent instance, printing progress through `out`.
+
+    Returns {"run_id", "success", "error", "failed_checks", "seconds"}.
+    """
+    from nbpipeline import definitions
+
+    job_fn = {
+        "sequential": definitions.sequential_notebooks_job,
+        "parallel": definitions.parallel_notebooks_job,
+    }[mode]
+    return run_job_fn(job_fn, run_config, tags=tags, out=out)
+
+
+def run_job_fn(
+    job_fn: Callable[[], dg.JobDefinition],
+    run_config: dict[str, Any],
+    *,
+    tags: dict[str, str] | None = None,
+    out: Callable[[str], None] = _progress,
+) -> dict[str, Any]:
+    """Like `run_job`, for any module-level function returning a job (it must be importable,
+    since `dg.reconstructable` rebuilds the job in step processes)."""
+    import dagster as dg
+
+    from nbpipeline.instance import get_instance
+
+    instance = get_instance(out)
+    launch_id = uuid.uuid4().hex
+    run_tags = {LAUNCH_TAG: launch_id, LAUNCHED_BY_TAG: "cli", **(tags or {})}
+    out(f"Launching {job_fn.__name__} on the Dagster instance in {instance.root_directory} ...")
+    printer = ProgressPrinter(launch_id, out)
+    printer.start()
+    started = time.monotonic()
+    try:
+        with dg.execute_job(
+            dg.reconstructable(job_fn), instance=instance, run_config=run_config, tags=run_tags
+        ) as result:
+            success = result.success
+            run_id = result.run_id
+            failures = result.get_step_failure_events()
+            run_failure = next(
+                (e for e in result.all_events if e.event_type == dg.DagsterEventType.RUN_FAILURE),
+                None,
+            )
+            check_results = [
+                e.asset_check_evaluation_data
+                for e in result.all_events
+                if e.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION
+            ]
+    except dg.DagsterInvalidConfigError as exc:
+        raise ConfigError(f"invalid run config: {_first_line(str(exc))}") from None
+    finally:
+        printer.stop()
+    seconds = time.monotonic() - started
+    error = None
+    if not success:
+        if failures:
+            error = "; ".join(f"step {e.step_key} failed: {step_error(e)}" for e in failures)
+        elif run_failure is not None:
+            error = f"run failed: {_first_line(run_failure.message)}"
+        else:
+            error = "run failed"
+    out(f"Run {run_id} {'succeeded' if success else 'failed'} in {seconds:.1f}s")
+    return {
+        "run_id": run_id,
+        "success": success,
+        "error": error,
+        "failed_checks": [
+            f"{c.asset_key.to_user_string()}:{c.check_name}" for c in check_results if not c.passed
+        ],
+        "seconds": seconds,
+    }
+
+
+# --------------------------------------------------------------------------- ui
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from nbpipeline.instance import WORKSPACE_YAML, get_instance
+    from nbpipeline.settings import PROJECT_ROOT
+
+    # Creates DAGSTER_HOME if needed and the pools' slots before the UI launches any run.
+    with get_instance(_progress) as instance:
+        home = Path(instance.root_directory)
+    cmd = [
+        sys.executable,
+        "-m",
+        "dagster",
+        "dev",
+        "-w",
+        str(WORKSPACE_YAML),
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+    ]
+    _progress(f"Starting the Dagster UI on http://{args.host}:{args.port} (DAGSTER_HOME={home})")
+    # `dagster dev` warns about the dagster.yaml in the project root: that file is the template
+    # copied into DAGSTER_HOME, so the warning is expected.
+    # The project root holds workspace.yaml and is the code location's working directory.
+    proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env={**os.environ, "DAGSTER_HOME": str(home)})
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        # Ctrl-C reached `dagster dev` too (same process group); let it shut down cleanly.
+        try:
+            return proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)
+            return proc.wait()

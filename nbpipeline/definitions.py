@@ -1,0 +1,39 @@
+"""The Dagster code location: assets, checks, jobs, schedules and the notebook backend.
+
+Loaded by `dagster dev` / the webserver (workspace.yaml, `[tool.dagster]` in pyproject) and by
+`nbpipeline run`. Settings come from the environment and are checked here, at load time:
+NBPIPELINE_BACKEND, NBPIPELINE_MAX_CONCURRENT, the schedule variables.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from nbpipeline.assets import ALL_ASSETS
+from nbpipeline.checks import ALL_CHECKS
+from nbpipeline.comparison_assets import build_sensor, runtime_comparison, runtime_comparison_job
+from nbpipeline.jobs import PARALLEL_JOB, SEQUENTIAL_JOB, build_jobs
+from nbpipeline.resources import resource_defs
+from nbpipeline.schedules import build_schedules
+
+_jobs = build_jobs()
+
+defs = dg.Definitions(
+    assets=[*ALL_ASSETS, runtime_comparison],
+    asset_checks=ALL_CHECKS,
+    jobs=[*_jobs, runtime_comparison_job],
+    schedules=build_schedules(),
+    sensors=[build_sensor(_jobs)],
+    resources=resource_defs(),
+)
+
+
+# Module-level functions so `dg.reconstructable` can rebuild the jobs in step processes.
+def sequential_notebooks_job() -> dg.JobDefinition:
+    """The resolved `sequential_notebooks` job."""
+    return defs.resolve_job_def(SEQUENTIAL_JOB)
+
+
+def parallel_notebooks_job() -> dg.JobDefinition:
+    """The resolved `parallel_notebooks` job."""
+    return defs.resolve_job_def(PARALLEL_JOB)

@@ -1,0 +1,361 @@
+"""The assets materialized in-process on the local engine: outputs, metadata, checks, failures.
+
+One full materialization (the four notebooks on a 2,000-row dirty source) is shared by the tests
+of this module; the other tests either run no notebook (parameter validation, fake backend) or
+only the check step.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import dagster as dg
+import pytest
+
+from nbpipeline.assets import (
+    ALL_ASSETS,
+    OUTPUT_ASSET_KEYS,
+    SOURCE_VERSION_TAG,
+    is_transient,
+    op_config,
+)
+from nbpipeline.backends.base import NotebookBackend, NotebookRun
+from nbpipeline.backends.local import LocalNotebookBackend
+from nbpipeline.checks import ALL_CHECKS, VALID_ROW_SQL
+from nbpipeline.errors import ConfigError, EngineError, NotebookError
+from nbpipeline.metadata import table_metadata
+from nbpipeline.tables import OUTPUT_TABLES
+
+ROWS = 2000
+OUTPUTS = dg.AssetSelection.assets(*OUTPUT_ASSET_KEYS)
+
+
+def meta(mat: dg.AssetMaterialization) -> dict[str, Any]:
+    return {k: getattr(v, "value", v) for k, v in mat.metadata.items()}
+
+
+def materializations(result: dg.ExecuteInProcessResult) -> dict[str, dict[str, Any]]:
+    out = {}
+    for event in result.get_asset_materialization_events():
+        mat = event.step_materialization_data.materialization
+        out[mat.asset_key.to_user_string()] = meta(mat)
+    return out
+
+
+def latest_version(spark: Any, table: str) -> int:
+    return int(spark.sql(f"DESCRIBE HISTORY {table} LIMIT 1").collect()[0]["version"])
+
+
+# --------------------------------------------------------------------------- without Spark
+
+
+# Calls per notebook, module-level: Dagster copies resources, so an instance counter would reset.
+CALLS: dict[str, int] = {}
+
+
+class FakeBackend(NotebookBackend):
+    """Returns a canned exit value; fails transiently `flaky` times first (counted per class)."""
+
+    flaky: int = 0
+    reason: str = ""
+
+    @property
+    def backend_name(self) -> str:
+        return "fake"
+
+    def engine_address(self) -> str:
+        return "fake://engine"
+
+    def run_notebook(
+        self,
+        notebook: str,
+        parameters: Mapping[str, str],
+        *,
+        timeout_seconds: int = 3600,
+        log: logging.Logger | None = None,
+    ) -> NotebookRun:
+        n = CALLS[notebook] = CALLS.get(notebook, 0) + 1
+        if self.reason:
+            raise NotebookError(self.reason, notebook=notebook, cell=3)
+        if n <= self.flaky:
+            raise EngineError("cannot connect to the Spark engine at sc://x: UNAVAILABLE")
+        tables = [
+            {
+                "asset": name,
+                "table": f"s.{name}",
+                "location": f"file:/w/s.db/{name}",
+                "rows_inserted": 3,
+                "rows_updated": 2,
+                "rows_deleted": 1,
+                "delta_version": 7,
+                "row_count": 10,
+                "columns": [{"name": "k", "type": "bigint"}, {"name": "v", "type": "string"}],
+            }
+            for name, nb in OUTPUT_TABLES.items()
+            if nb == notebook
+        ]
+        return NotebookRun(
+            notebook=notebook,
+            location=f"/nb/{notebook}.py",
+            backend="fake",
+            engine="fake://engine",
+            exit_value={
+                "notebook": notebook,
+                "started_at": "2025-01-01T00:00:00+00:00",
+                "ended_at": "2025-01-01T00:00:02+00:00",
+                "duration_s": 2.0,
+                "source_table": parameters["source_table"],
+                "source_version": 4,
+                "rows_read": 12,
+                "rows_rejected": 1,
+                "tables": tables,
+            },
+            started_at=100.0,
+            ended_at=103.5,
+            extra={"run_url": "https://example.invalid/run/1", "run_id": 1},
+        )
+
+
+def test_table_metadata_is_pure_and_complete() -> None:
+    run = FakeBackend().run_notebook("Notebook4", {"source_table": "s.orders"})
+    m = {k: getattr(v, "value", v) for k, v in table_metadata(run, run.tables[0]).items()}
+    assert m["rows_read"] == 12 and m["rows_rejected"] == 1
+    assert (m["rows_inserted"], m["rows_updated"], m["rows_deleted"]) == (3, 2, 1)
+    assert m["delta_version"] == 7 and m["dagster/row_count"] == 10
+    assert m["dagster/table_name"] == "s.order_facts"
+    assert m["dagster/uri"] == "file:/w/s.db/order_facts"
+    assert [c.name for c in m["dagster/column_schema"].columns] == ["k", "v"]
+    assert m["source_table"] == "s.orders" and m["source_version"] == 4
+    assert m["notebook"] == "Notebook4" and m["notebook_path"] == "/nb/Notebook4.py"
+    assert m["backend"] == "fake" and m["engine"] == "fake://engine"
+    assert m["notebook_started_at"].startswith("2025-01-01T00:00:00")
+    assert m["notebook_duration_s"] == 2.0 and m["backend_wall_time_s"] == 3.5
+    assert m["run_url"] == "https://example.invalid/run/1" and m["run_id"] == 1
+
+
+def test_transient_classification() -> None:
+    assert is_transient(EngineError("engine went away"))
+    assert not is_transient(ConfigError("bad"))
+    assert not is_transient(NotebookError("NotebookInputError: bad source", notebook="n"))
+    assert is_transient(NotebookError("ConcurrentAppendException: files were added", notebook="n"))
+    assert is_transient(RuntimeError("grpc hiccup"))
+
+
+@pytest.mark.dagster
+def test_transient_failure_is_retried_and_metadata_recorded() -> None:
+    CALLS.clear()
+    instance = dg.DagsterInstance.ephemeral()
+    result = dg.materialize(
+        [*ALL_ASSETS],
+        selection=dg.AssetSelection.assets("daily_sales"),
+        resources={"notebook_backend": FakeBackend(flaky=1)},
+        run_config={"ops": op_config({"source_table": "s.orders"}, notebooks=("Notebook1",))},
+        instance=instance,
+    )
+    assert result.success
+    assert CALLS["Notebook1"] == 2
+    retries = [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+    assert len(retries) == 1
+    mats = materializations(result)
+    assert mats["daily_sales"]["delta_version"] == 7
+    assert mats["daily_sales"]["backend_wall_time_s"] == 3.5
+    # The step tagged the run with the source version the notebook reported.
+    assert instance.get_run_by_id(result.run_id).tags[SOURCE_VERSION_TAG] == "4"
+
+
+@pytest.mark.dagster
+def test_data_error_is_not_retried() -> None:
+    CALLS.clear()
+    result = dg.materialize(
+        [*ALL_ASSETS],
+        selection=dg.AssetSelection.assets("daily_sales"),
+        resources={"notebook_backend": FakeBackend(reason="NotebookInputError: column gone")},
+        run_config={"ops": op_config({"source_table": "s.orders"}, notebooks=("Notebook1",))},
+        raise_on_error=False,
+    )
+    assert not result.success
+    assert CALLS["Notebook1"] == 1
+    (failure,) = result.get_step_failure_events()
+    assert "column gone" in failure.step_failure_data.user_failure_data.description
+
+
+@pytest.mark.dagster
+def test_bad_parameters_fail_before_any_notebook_runs() -> None:
+    CALLS.clear()
+    ops = op_config({"source_table": "s.orders"})
+    ops["Notebook1"]["config"]["source_table"] = "orders; DROP TABLE x"
+    ops["Notebook4"]["config"]["high_value_threshold"] = "-5"
+    result = dg.materialize(
+        [*ALL_ASSETS],
+        selection=dg.AssetSelection.assets("daily_sales", "order_facts", "high_value_orders"),
+        resources={"notebook_backend": FakeBackend()},
+        run_config={"ops": {k: v for k, v in ops.items() if k in ("Notebook1", "Notebook4")}},
+        raise_on_error=False,
+    )
+    assert not result.success
+    assert CALLS == {}  # nothing ran, so nothing was written
+    errors = {
+        e.step_key: e.step_failure_data.user_failure_data.description
+        for e in result.get_step_failure_events()
+    }
+    assert "invalid source_table" in errors["Notebook1"]
+    assert "\n" not in errors["Notebook1"]
+    assert "invalid high_value_threshold '-5'" in errors["Notebook4"]
+    assert not [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+
+
+def test_unknown_parameter_is_refused() -> None:
+    with pytest.raises(ConfigError, match="bogus"):
+        op_config({"bogus": "1"})
+    with pytest.raises(ConfigError, match="target_schema"):
+        op_config({"target_schema": "a.b.c"})
+
+
+# --------------------------------------------------------------------------- on the engine
+
+
+@pytest.fixture(scope="module")
+def materialized(spark):
+    """Seed a dirty 2,000-row source in a fresh schema and materialize the five outputs once."""
+    import uuid
+
+    from nbpipeline.seed import seed_orders
+
+    schema = f"t_assets_{uuid.uuid4().hex[:8]}"
+    spark.sql(f"CREATE SCHEMA {schema}")
+    source = f"{schema}.orders"
+    seed_orders(spark, source, rows=ROWS, seed=11, dirty=True)
+    instance = dg.DagsterInstance.ephemeral()
+    result = dg.materialize(
+        [*ALL_ASSETS, *ALL_CHECKS],
+        selection=OUTPUTS,
+        resources={"notebook_backend": LocalNotebookBackend()},
+        run_config={"ops": op_config({"source_table": source})},
+        instance=instance,
+        raise_on_error=False,
+    )
+    return {"schema": schema, "source": source, "result": result, "instance": instance}
+
+
+@pytest.mark.spark
+@pytest.mark.dagster
+def test_materialize_writes_outputs_with_metadata(spark, materialized) -> None:
+    result = materialized["result"]
+    assert result.success, [e.message for e in result.get_step_failure_events()]
+    schema, source = materialized["schema"], materialized["source"]
+    mats = materializations(result)
+    assert set(mats) == set(OUTPUT_TABLES)
+    source_version = latest_version(spark, source)
+    for name, m in mats.items():
+        table = f"{schema}.{name}"
+        count = spark.table(table).count()
+        assert count > 0
+        assert m["dagster/row_count"] == count
+        assert m["dagster/table_name"] == table
+        assert m["delta_version"] == latest_version(spark, table)
+        assert m["rows_read"] == ROWS
+        assert m["rows_rejected"] > 0  # the dirty seed has rejected rows
+        assert m["rows_inserted"] == count  # first run: every row is new
+        assert m["rows_updated"] == 0 and m["rows_deleted"] == 0
+        assert m["source_table"] == source and m["source_version"] == source_version
+        assert [c.name for c in m["dagster/column_schema"].columns] == spark.table(table).columns
+        assert str(m["dagster/uri"]).endswith(name)
+        assert m["backend"] == "local" and m["engine"].startswith("sc://")
+        assert m["notebook_path"].endswith(f"{OUTPUT_TABLES[name]}.py")
+        assert 0 < m["notebook_duration_s"] <= m["backend_wall_time_s"] + 0.5
+    valid = spark.sql(
+        f"SELECT COUNT(DISTINCT order_id) AS n FROM {source} WHERE {VALID_ROW_SQL}"
+    ).collect()[0]["n"]
+    assert mats["order_facts"]["dagster/row_count"] == valid
+    assert mats["high_value_orders"]["high_value_threshold"] == "1000.00"
+    run = materialized["instance"].get_run_by_id(result.run_id)
+    assert run.tags[SOURCE_VERSION_TAG] == str(source_version)
+
+
+@pytest.mark.spark
+@pytest.mark.dagster
+def test_checks_pass_on_good_data(materialized) -> None:
+    result = materialized["result"]
+    evaluations = result.get_asset_check_evaluations()
+    assert len(evaluations) == 12
+    failed = [(e.asset_key, e.check_name, e.description) for e in evaluations if not e.passed]
+    assert not failed
+    by_name = {(e.asset_key.to_user_string(), e.check_name): e for e in evaluations}
+    facts = by_name[("order_facts", "row_count_matches_source")]
+    assert facts.metadata["expected_rows"].value == facts.metadata["actual_rows"].value
+
+
+def _run_checks(materialized: dict[str, Any], *keys: dg.AssetCheckKey) -> dict[Any, Any]:
+    result = dg.materialize(
+        [*ALL_ASSETS, *ALL_CHECKS],
+        selection=dg.AssetSelection.checks(*keys),
+        resources={"notebook_backend": LocalNotebookBackend()},
+        instance=materialized["instance"],
+    )
+    assert not result.get_asset_materialization_events()  # only the checks ran
+    return {
+        (e.asset_key.to_user_string(), e.check_name): e
+        for e in result.get_asset_check_evaluations()
+    }
+
+
+@pytest.mark.spark
+@pytest.mark.dagster
+def test_checks_fail_with_a_reason_on_broken_data(spark, materialized) -> None:
+    schema = materialized["schema"]
+    # A duplicated key, a negative amount, and a high-value order order_facts does not have.
+    spark.sql(f"INSERT INTO {schema}.daily_sales SELECT * FROM {schema}.daily_sales LIMIT 1")
+    low, high = spark.sql(
+        f"SELECT MIN(order_id), MAX(order_id) FROM {schema}.high_value_orders"
+    ).collect()[0]
+    assert low != high
+    spark.sql(f"UPDATE {schema}.high_value_orders SET net_amount = -1 WHERE order_id = {low}")
+    spark.sql(f"DELETE FROM {schema}.order_facts WHERE order_id = {high}")
+    key = dg.AssetCheckKey
+    results = _run_checks(
+        materialized,
+        key(dg.AssetKey("daily_sales"), "unique_keys"),
+        key(dg.AssetKey("high_value_orders"), "no_negative_revenue"),
+        key(dg.AssetKey("high_value_orders"), "subset_of_order_facts"),
+        key(dg.AssetKey("order_facts"), "row_count_matches_source"),
+        key(dg.AssetKey("order_facts"), "unique_keys"),
+    )
+    assert len(results) == 5
+    dup = results[("daily_sales", "unique_keys")]
+    assert not dup.passed and "occur more than once" in dup.description
+    assert dup.metadata["duplicate_keys"].value == 1
+    neg = results[("high_value_orders", "no_negative_revenue")]
+    assert not neg.passed and "net_amount (1 rows)" in neg.description
+    subset = results[("high_value_orders", "subset_of_order_facts")]
+    assert not subset.passed and subset.metadata["rows_not_in_order_facts"].value == 2
+    count = results[("order_facts", "row_count_matches_source")]
+    assert not count.passed and "(-1)" in count.description
+    assert results[("order_facts", "unique_keys")].passed
+
+
+@pytest.mark.spark
+@pytest.mark.dagster
+def test_orders_asset_seeds_and_applies_changes(spark, schema) -> None:
+    table = f"{schema}.orders"
+    instance = dg.DagsterInstance.ephemeral()
+
+    def run(config: dict[str, Any]) -> dict[str, Any]:
+        result = dg.materialize(
+            [*ALL_ASSETS],
+            selection=dg.AssetSelection.assets("orders"),
+            resources={"notebook_backend": LocalNotebookBackend()},
+            run_config={"ops": {"orders": {"config": {"table": table, **config}}}},
+            instance=instance,
+        )
+        return materializations(result)["orders"]
+
+    seeded = run({"mode": "seed", "rows": 300, "seed": 3})
+    assert seeded["rows"] == 300 == spark.table(table).count()
+    assert seeded["delta_version"] == latest_version(spark, table)
+    assert seeded["dagster/table_name"] == table
+    changed = run({"mode": "changes", "fraction": 0.2, "seed": 5})
+    assert changed["delta_version"] == seeded["delta_version"] + 1
+    assert changed["rows_updated"] > 0
+    assert changed["rows"] == spark.table(table).count() == 300 + changed["rows_inserted"]

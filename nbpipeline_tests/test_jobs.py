@@ -1,0 +1,186 @@
+"""The jobs executed for real on a persistent instance configured by the project's dagster.yaml.
+
+The step processes of the multiprocess executor inherit NBPIPELINE_HOME and NBPIPELINE_ENGINE_PORT
+from this process (conftest sets them), so they reach this session's engine. Wall times are
+printed (`pytest -s`) so the figures can be compared across machines.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pytest
+
+from nbpipeline import definitions
+from nbpipeline.assets import SOURCE_VERSION_TAG, op_config
+from nbpipeline.checks import VALID_ROW_SQL
+from nbpipeline.instance import PROJECT_DAGSTER_YAML
+from nbpipeline.tables import OUTPUT_KEYS, OUTPUT_TABLES
+
+pytestmark = [pytest.mark.spark, pytest.mark.dagster]
+
+ROWS = 2000
+NOTEBOOKS = ("Notebook1", "Notebook2", "Notebook3", "Notebook4")
+
+
+@pytest.fixture
+def instance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A persistent instance in a fresh DAGSTER_HOME holding the project's dagster.yaml."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copyfile(PROJECT_DAGSTER_YAML, home / "dagster.yaml")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    with dg.DagsterInstance.get() as inst:
+        yield inst
+
+
+@pytest.fixture
+def source(spark, schema: str) -> str:
+    from nbpipeline.seed import seed_orders
+
+    table = f"{schema}.orders"
+    seed_orders(spark, table, rows=ROWS, seed=23, dirty=True)
+    return table
+
+
+def latest_version(spark: Any, table: str) -> int:
+    return int(spark.sql(f"DESCRIBE HISTORY {table} LIMIT 1").collect()[0]["version"])
+
+
+def step_windows(instance: dg.DagsterInstance, run_id: str) -> dict[str, tuple[float, float, int]]:
+    """step key -> (start, end, pid) from the run's event log."""
+    starts: dict[str, tuple[float, int]] = {}
+    windows: dict[str, tuple[float, float, int]] = {}
+    for entry in instance.all_logs(run_id):
+        event = entry.dagster_event
+        if event is None or not event.step_key:
+            continue
+        if event.event_type == dg.DagsterEventType.STEP_START:
+            starts[event.step_key] = (entry.timestamp, event.pid)
+        elif event.event_type in (
+            dg.DagsterEventType.STEP_SUCCESS,
+            dg.DagsterEventType.STEP_FAILURE,
+        ):
+            start, pid = starts[event.step_key]
+            windows[event.step_key] = (start, entry.timestamp, pid)
+    return windows
+
+
+def assert_contract_invariants(spark: Any, schema: str, source: str) -> None:
+    for name, keys in OUTPUT_KEYS.items():
+        cols = ", ".join(keys)
+        dups = spark.sql(
+            f"SELECT COUNT(*) AS n FROM (SELECT {cols} FROM {schema}.{name} "
+            f"GROUP BY {cols} HAVING COUNT(*) > 1)"
+        ).collect()[0]["n"]
+        assert dups == 0, f"{name} has duplicate keys"
+    valid = spark.sql(
+        f"SELECT COUNT(DISTINCT order_id) AS n FROM {source} WHERE {VALID_ROW_SQL}"
+    ).collect()[0]["n"]
+    assert spark.table(f"{schema}.order_facts").count() == valid
+    orphans = spark.sql(
+        f"SELECT COUNT(*) AS n FROM {schema}.high_value_orders h "
+        f"LEFT ANTI JOIN {schema}.order_facts f ON h.order_id = f.order_id"
+    ).collect()[0]["n"]
+    assert orphans == 0
+
+
+def test_parallel_job_runs_in_step_processes(spark, schema, source, instance) -> None:
+    started = time.monotonic()
+    with dg.execute_job(
+        dg.reconstructable(definitions.parallel_notebooks_job),
+        instance=instance,
+        run_config={"ops": op_config({"source_table": source})},
+    ) as result:
+        assert result.success, [e.message for e in result.get_step_failure_events()]
+        run_id = result.run_id
+        mats = {
+            e.asset_key.to_user_string(): {
+                k: getattr(v, "value", v)
+                for k, v in e.step_materialization_data.materialization.metadata.items()
+            }
+            for e in result.get_asset_materialization_events()
+        }
+        checks = result.get_asset_check_evaluations()
+    wall = time.monotonic() - started
+
+    assert set(mats) == set(OUTPUT_TABLES)
+    source_version = latest_version(spark, source)
+    for name, m in mats.items():
+        table = f"{schema}.{name}"
+        assert m["dagster/row_count"] == spark.table(table).count() > 0
+        assert m["delta_version"] == latest_version(spark, table)
+        assert m["rows_read"] == ROWS
+        assert m["source_version"] == source_version
+        assert m["backend"] == "local"
+    assert len(checks) == 12 and all(c.passed for c in checks)
+    assert_contract_invariants(spark, schema, source)
+
+    run = instance.get_run_by_id(run_id)
+    assert run.tags["nbpipeline/mode"] == "parallel"
+    assert run.tags[SOURCE_VERSION_TAG] == str(source_version)
+    windows = step_windows(instance, run_id)
+    notebook_windows = [windows[nb] for nb in NOTEBOOKS]
+    # Each step ran in a process of its own, and the notebooks overlapped in time.
+    pids = {pid for _, _, pid in notebook_windows}
+    assert len(pids) == 4 and os.getpid() not in pids
+    assert max(s for s, _, _ in notebook_windows) < min(e for _, e, _ in notebook_windows)
+    # The steps claimed their tables' pools, created with the project's default limit of 1.
+    for nb in NOTEBOOKS:
+        info = instance.event_log_storage.get_concurrency_info(f"nbpipeline/{nb}")
+        assert info.slot_count == 1
+    steps = {k: round(e - s, 1) for k, (s, e, _) in sorted(windows.items())}
+    print(f"\nparallel_notebooks: {wall:.1f}s wall; steps {steps}")
+
+
+def _cli_run(mode: str, source: str, home: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "nbpipeline.cli", "run", mode, "--source", source],
+        env={**os.environ, "DAGSTER_HOME": str(home)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_overlapping_runs_of_both_jobs(spark, schema, source, instance) -> None:
+    """Both jobs launched at once on the same tables, from two `nbpipeline run` processes (as
+    two users would; Dagster's execute_job is not safe to call from two threads of one process):
+    both succeed, and the pools kept each table's MERGEs apart."""
+    home = Path(instance.root_directory)
+    started = time.monotonic()
+    procs = {mode: _cli_run(mode, source, home) for mode in ("sequential", "parallel")}
+    outputs = {mode: proc.communicate(timeout=600) for mode, proc in procs.items()}
+    wall = time.monotonic() - started
+    run_ids = {}
+    for mode, (stdout, stderr) in outputs.items():
+        assert procs[mode].returncode == 0, (mode, stderr[-3000:])
+        run_ids[mode] = stdout.strip().splitlines()[-1]
+        # Progress was printed per step as the run went on.
+        for nb in NOTEBOOKS:
+            assert f"{nb}: started" in stderr and f"{nb}: succeeded" in stderr
+    assert_contract_invariants(spark, schema, source)
+
+    runs = {mode: instance.get_run_by_id(run_id) for mode, run_id in run_ids.items()}
+    for mode, run in runs.items():
+        assert run is not None and run.status == dg.DagsterRunStatus.SUCCESS
+        assert run.job_name == f"{mode}_notebooks"
+        assert run.tags["nbpipeline/mode"] == mode
+    # Both read the same, unchanged source: the runs pair up by their source_version tag.
+    version = str(latest_version(spark, source))
+    assert runs["sequential"].tags[SOURCE_VERSION_TAG] == version
+    assert runs["parallel"].tags[SOURCE_VERSION_TAG] == version
+    seq = step_windows(instance, run_ids["sequential"])
+    par = step_windows(instance, run_ids["parallel"])
+    for nb in NOTEBOOKS:
+        (s1, e1, _), (s2, e2, _) = seq[nb], par[nb]
+        assert e1 <= s2 or e2 <= s1, f"{nb} ran in both runs at once"
+    blocked = "".join(err for _, err in outputs.values()).count("blocked by limit for pool")
+    print(f"\noverlapping sequential + parallel runs: {wall:.1f}s wall, {blocked} pool waits")
