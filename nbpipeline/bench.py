@@ -52,15 +52,19 @@ PARALLEL_MEMORY_TARGET_MB = 3 * 1024
 
 
 def per_process_parallel_job() -> dg.JobDefinition:
-    """The parallel job with `PerProcessSparkBackend` bound instead of the shared engine."""
-    from nbpipeline import definitions
+    """The parallel job with `PerProcessSparkBackend` bound instead of the shared engine: same
+    assets, checks and executor; only the resource differs."""
+    from nbpipeline.assets import ALL_ASSETS
     from nbpipeline.backends.classic import PerProcessSparkBackend
-    from nbpipeline.jobs import PARALLEL_JOB
+    from nbpipeline.checks import ALL_CHECKS
+    from nbpipeline.jobs import PARALLEL_JOB, build_jobs
     from nbpipeline.resources import NOTEBOOK_BACKEND_KEY
 
-    swapped = dg.Definitions.merge(
-        definitions.defs,
-        dg.Definitions(resources={NOTEBOOK_BACKEND_KEY: PerProcessSparkBackend()}),
+    swapped = dg.Definitions(
+        assets=ALL_ASSETS,
+        asset_checks=ALL_CHECKS,
+        jobs=build_jobs(),
+        resources={NOTEBOOK_BACKEND_KEY: PerProcessSparkBackend()},
     )
     return swapped.resolve_job_def(PARALLEL_JOB)
 
@@ -73,7 +77,7 @@ class MemorySampler(threading.Thread):
         self.extra_pids = extra_pids
         self.interval_s = interval_s
         self.peak_bytes = 0
-        self._stop = threading.Event()
+        self._done = threading.Event()
 
     def _tree_rss(self) -> int:
         roots = [psutil.Process()]
@@ -96,16 +100,16 @@ class MemorySampler(threading.Thread):
         return total
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._done.is_set():
             self.peak_bytes = max(self.peak_bytes, self._tree_rss())
-            self._stop.wait(self.interval_s)
+            self._done.wait(self.interval_s)
 
     def __enter__(self) -> MemorySampler:
         self.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
+        self._done.set()
         self.join()
         self.peak_bytes = max(self.peak_bytes, self._tree_rss())
 

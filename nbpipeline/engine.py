@@ -495,6 +495,11 @@ def classic_session(
     """
     from pyspark.sql import SparkSession
 
+    # pyspark marks a process that ever opened a Spark Connect session (and, through the
+    # environment, its children) as "connect mode", which would turn this builder into a
+    # Connect client; a classic session needs the mark gone.
+    os.environ.pop("SPARK_CONNECT_MODE_ENABLED", None)
+    os.environ.pop("SPARK_REMOTE", None)
     config = EngineConfig.from_env()
     jars = resolve_jars(progress)
     conf = config.spark_conf()
