@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -152,7 +153,9 @@ def _run_orchestration(notebook: str, source: str) -> None:
     from nbpipeline.runtime import run_notebook
 
     spark = engine.get_spark()
-    run_notebook(settings.notebooks_dir() / notebook, {"source_table": source}, spark=spark)
+    # The orchestration notebooks print their timings; keep stdout for the bench's own result.
+    with contextlib.redirect_stdout(sys.stderr):
+        run_notebook(settings.notebooks_dir() / notebook, {"source_table": source}, spark=spark)
 
 
 def bench(

@@ -7,6 +7,7 @@ instance; every figure `compare` prints is checked against the event log it was 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import dagster as dg
@@ -15,7 +16,7 @@ import pytest
 from nbpipeline import comparison
 from nbpipeline.cli import main
 from nbpipeline.runtime import run_notebook
-from nbpipeline.settings import notebooks_dir
+from nbpipeline.settings import PROJECT_ROOT, notebooks_dir
 from nbpipeline.tables import OUTPUT_KEYS, OUTPUT_TABLES
 
 pytestmark = [pytest.mark.spark, pytest.mark.dagster]
@@ -31,6 +32,7 @@ def pair(spark, tmp_path_factory: pytest.TempPathFactory):
     from nbpipeline.seed import seed_orders
 
     home = tmp_path_factory.mktemp("dagster_home")
+    shutil.copy(PROJECT_ROOT / "dagster.yaml", home / "dagster.yaml")  # pools, no telemetry
     old = os.environ.get("DAGSTER_HOME")
     os.environ["DAGSTER_HOME"] = str(home)
     schema = f"cmp_{uuid.uuid4().hex[:8]}"
