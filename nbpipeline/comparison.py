@@ -9,7 +9,8 @@ Definitions (all in seconds):
 - critical path: the longest step, a lower bound for any parallel wall time.
 - busy: the union of the step intervals; overhead = wall - busy, the part of the wall time during
   which no notebook was running (process start-up, orchestration, commits of the event log).
-- speedup = sequential wall / parallel wall; efficiency = speedup / number of parallel steps.
+- speedup = sequential wall / parallel wall; efficiency = speedup / number of notebook steps
+  (the parallelism the job could reach; asset-check steps are timed but not counted there).
 """
 
 from __future__ import annotations
@@ -93,9 +94,16 @@ class Comparison:
         return self.sequential.wall_s / self.parallel.wall_s if self.parallel.wall_s else 0.0
 
     @property
+    def parallelism(self) -> int:
+        """How many steps could run at once: the notebook steps (check steps excluded)."""
+        from nbpipeline.backends.base import NOTEBOOK_NAMES
+
+        notebooks = {s.step for s in self.parallel.steps if s.step in NOTEBOOK_NAMES}
+        return len(notebooks) or max(len(self.parallel.steps), 1)
+
+    @property
     def efficiency(self) -> float:
-        steps = max(len(self.parallel.steps), 1)
-        return self.speedup / steps
+        return self.speedup / self.parallelism
 
     def to_dict(self) -> dict[str, Any]:
         return {
