@@ -19,10 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nbpipeline.assets import MODE_TAG, SOURCE_VERSION_TAG  # the tags the jobs' runs carry
 from nbpipeline.errors import ConfigError
-
-MODE_TAG = "nbpipeline/mode"
-SOURCE_VERSION_TAG = "nbpipeline/source_version"
 
 
 @dataclass

@@ -67,16 +67,29 @@ class LocalNotebookBackend(NotebookBackend):
         log: logging.Logger | None = None,
     ) -> NotebookRun:
         path = self.notebook_path(notebook)
-        spark = engine.get_spark(self.spark_remote, progress=log.info if log else None)
         started = time.time()
-        raw = run_notebook(path, parameters, spark=spark, timeout_seconds=timeout_seconds)
-        ended = time.time()
-        return NotebookRun(
-            notebook=notebook,
-            location=str(path),
-            backend=self.backend_name,
-            engine=self.engine_address(),
-            exit_value=parse_exit_value(raw, notebook=str(path)),
-            started_at=started,
-            ended_at=ended,
-        )
+        spark = engine.get_spark(self.spark_remote, progress=log.info if log else None)
+        return run_on_session(self, notebook, path, spark, parameters, timeout_seconds, started)
+
+
+def run_on_session(
+    backend: NotebookBackend,
+    notebook: str,
+    path: Path,
+    spark: object,
+    parameters: Mapping[str, str],
+    timeout_seconds: int,
+    started: float,
+) -> NotebookRun:
+    """Run a notebook file through the local runtime on `spark`; shared by every backend that
+    executes notebooks in this process (the shared engine's client, or a per-process JVM)."""
+    raw = run_notebook(path, parameters, spark=spark, timeout_seconds=timeout_seconds)
+    return NotebookRun(
+        notebook=notebook,
+        location=str(path),
+        backend=backend.backend_name,
+        engine=backend.engine_address(),
+        exit_value=parse_exit_value(raw, notebook=str(path)),
+        started_at=started,
+        ended_at=time.time(),
+    )
