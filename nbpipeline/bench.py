@@ -11,9 +11,19 @@ Modes:
 Every mode reads the same Delta path source (a classic in-process JVM cannot open the engine's
 metastore) and MERGEs into the same outputs beside it. A warm-up run (not measured) writes the
 outputs first, so every measured run does identical work: a full read and a MERGE that changes
-nothing. Wall time is measured around each run; peak memory is the largest sum of the resident
-set sizes of this process, its descendants (step processes, their JVMs) and, for modes that use
-it, the engine JVM, sampled every 0.1 s.
+nothing.
+
+Like is compared with like: the Dagster modes run the jobs' four notebook steps (an op
+selection of the same jobs, so the runs still show up under their job in the UI), not the
+asset-check steps, because the orchestration notebooks check nothing. `--with-checks` runs the
+check steps too; `nbpipeline compare` times them on any real pair of runs.
+
+Wall time is measured around each run. Memory is sampled every 0.1 s over this process, its
+descendants (run worker, step processes, their JVMs) and, for modes that use it, the engine
+JVM: the peak of the summed resident set sizes (RSS, which counts pages that forked step
+processes share with their fork server once per process) and the peak of the summed
+proportional set sizes (PSS, which splits each shared page between its sharers, so the sum is
+the memory the tree really holds). The memory target is checked on PSS.
 """
 
 from __future__ import annotations
@@ -50,6 +60,8 @@ TARGETS = (
     ("per-process-spark", "dagster-parallel", ">=", 3.0),
 )
 PARALLEL_MEMORY_TARGET_MB = 3 * 1024
+#: The Dagster modes run these steps of the jobs (the notebooks, not the check steps).
+NOTEBOOK_STEPS = ["Notebook1", "Notebook2", "Notebook3", "Notebook4"]
 
 
 def per_process_parallel_job() -> dg.JobDefinition:
@@ -71,22 +83,28 @@ def per_process_parallel_job() -> dg.JobDefinition:
 
 
 class MemorySampler(threading.Thread):
-    """Peak of the summed RSS of this process tree (plus extra pids' trees), sampled."""
+    """Peaks of the summed RSS and PSS of this process tree (plus extra pids' trees), sampled."""
 
     def __init__(self, extra_pids: list[int], interval_s: float = 0.1) -> None:
         super().__init__(daemon=True)
         self.extra_pids = extra_pids
         self.interval_s = interval_s
         self.peak_bytes = 0
+        self.peak_pss_bytes = 0
         self._done = threading.Event()
 
-    def _tree_rss(self) -> int:
+    def _sample(self) -> None:
+        rss, pss = self._tree_memory()
+        self.peak_bytes = max(self.peak_bytes, rss)
+        self.peak_pss_bytes = max(self.peak_pss_bytes, pss)
+
+    def _tree_memory(self) -> tuple[int, int]:
         roots = [psutil.Process()]
         for pid in self.extra_pids:
             with contextlib.suppress(psutil.Error):
                 roots.append(psutil.Process(pid))
         seen: set[int] = set()
-        total = 0
+        rss = pss = 0
         for root in roots:
             try:
                 procs = [root, *root.children(recursive=True)]
@@ -97,12 +115,14 @@ class MemorySampler(threading.Thread):
                     continue
                 seen.add(proc.pid)
                 with contextlib.suppress(psutil.Error):
-                    total += proc.memory_info().rss
-        return total
+                    info = proc.memory_full_info()  # PSS comes from /proc/PID/smaps_rollup
+                    rss += info.rss
+                    pss += getattr(info, "pss", info.rss)  # no PSS off Linux: count RSS
+        return rss, pss
 
     def run(self) -> None:
         while not self._done.is_set():
-            self.peak_bytes = max(self.peak_bytes, self._tree_rss())
+            self._sample()
             self._done.wait(self.interval_s)
 
     def __enter__(self) -> MemorySampler:
@@ -112,7 +132,7 @@ class MemorySampler(threading.Thread):
     def __exit__(self, *exc: object) -> None:
         self._done.set()
         self.join()
-        self.peak_bytes = max(self.peak_bytes, self._tree_rss())
+        self._sample()
 
 
 def _source_for_bench(spark: Any, rows: int, seed: int, progress: Callable[[str], None]) -> dict:
@@ -139,14 +159,53 @@ def _source_for_bench(spark: Any, rows: int, seed: int, progress: Callable[[str]
 
 
 def _run_dagster(
-    job_fn: Callable[[], dg.JobDefinition], mode: str, source: str, tags: dict
-) -> None:
+    job_fn: Callable[[], dg.JobDefinition],
+    mode: str,
+    source: str,
+    tags: dict,
+    op_selection: list[str] | None,
+) -> str:
     from nbpipeline.cli_pipeline import build_run_config, run_job_fn
 
     run_config = build_run_config(mode, source=source)
-    result = run_job_fn(job_fn, run_config, tags=tags, out=lambda _m: None)
+    result = run_job_fn(
+        job_fn, run_config, tags=tags, out=lambda _m: None, op_selection=op_selection
+    )
     if not result["success"]:
         raise NbPipelineError(f"bench run {result['run_id']} failed: {result['error']}")
+    return str(result["run_id"])
+
+
+def breakdown(instance: dg.DagsterInstance, run_id: str) -> dict[str, float]:
+    """Where a Dagster run's wall time went, from its event log (seconds).
+
+    - `launch_s`: run start to the first step start (executor and step process start-up);
+    - `notebooks_s`: the notebooks' own durations (they time themselves), summed;
+    - `step_overhead_s`: step time outside the notebook, summed over steps (imports, engine
+      session, parameter checks, writing materializations);
+    - `idle_s`: wall time during which no step was running (launch and tail included);
+    - `wall_s`: the run's start to its end, as `nbpipeline compare` counts it.
+    """
+    from nbpipeline.comparison import run_timing
+    from nbpipeline.metadata import metadata_value
+
+    timing = run_timing(instance, run_id)
+    notebook_s: dict[str, float] = {}
+    for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION):
+        mat = entry.asset_materialization
+        value = metadata_value(mat.metadata.get("notebook_duration_s")) if mat else None
+        if value is not None and entry.step_key:
+            notebook_s[entry.step_key] = float(value)  # one notebook run per step
+    steps = {s.step: s.duration_s for s in timing.steps}
+    return {
+        "wall_s": round(timing.wall_s, 3),
+        "launch_s": round(min((s.start_offset_s for s in timing.steps), default=0.0), 3),
+        "notebooks_s": round(sum(notebook_s.values()), 3),
+        "step_overhead_s": round(
+            sum(steps[k] - notebook_s[k] for k in notebook_s if k in steps), 3
+        ),
+        "idle_s": round(timing.overhead_s, 3),
+    }
 
 
 def _run_orchestration(notebook: str, source: str) -> None:
@@ -164,9 +223,12 @@ def bench(
     repeat: int,
     seed: int = 42,
     modes: tuple[str, ...] = MODES,
+    with_checks: bool = False,
     progress: Callable[[str], None] = lambda _m: None,
 ) -> dict[str, Any]:
-    """Run every mode `repeat` times, interleaved; return figures per mode and the ratios."""
+    """Run every mode `repeat` times, interleaved; return figures per mode and the ratios.
+
+    The Dagster modes run the notebook steps only, unless `with_checks`."""
     from nbpipeline import definitions
 
     if rows < 1 or repeat < 1:
@@ -174,22 +236,30 @@ def bench(
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
         raise ConfigError(f"unknown bench mode(s) {', '.join(unknown)}; modes: {', '.join(MODES)}")
+    from nbpipeline.instance import get_instance
+
+    instance = get_instance(progress)
     spark = engine.get_spark(progress=progress)  # starts (warms) the engine
     source = _source_for_bench(spark, rows, seed, progress)
     table = source["table"]
     engine_pid = engine.status().get("pid")
     tags = {BENCH_TAG: "1", "nbpipeline/source_version": str(source["version"])}
-    runners: dict[str, Callable[[], None]] = {
+    steps = None if with_checks else NOTEBOOK_STEPS
+    runners: dict[str, Callable[[], str | None]] = {
         "dagster-sequential": lambda: _run_dagster(
-            definitions.sequential_notebooks_job, "sequential", table, tags
+            definitions.sequential_notebooks_job, "sequential", table, tags, steps
         ),
         "dagster-parallel": lambda: _run_dagster(
-            definitions.parallel_notebooks_job, "parallel", table, tags
+            definitions.parallel_notebooks_job, "parallel", table, tags, steps
         ),
         "notebook-sequential": lambda: _run_orchestration("SequentialOrchestration.py", table),
         "notebook-threads": lambda: _run_orchestration("ParallelOrchestration.py", table),
         "per-process-spark": lambda: _run_dagster(
-            per_process_parallel_job, "parallel", table, {**tags, BENCH_TAG: "per-process"}
+            per_process_parallel_job,
+            "parallel",
+            table,
+            {**tags, BENCH_TAG: "per-process"},
+            steps,
         ),
     }
     progress("Warm-up run (not measured): writes the outputs once so every measured run is alike")
@@ -208,12 +278,22 @@ def bench(
             extra = [] if mode == "per-process-spark" or not engine_pid else [engine_pid]
             with MemorySampler(extra) as mem:
                 t0 = time.perf_counter()
-                runners[mode]()
+                run_id = runners[mode]()
                 wall = time.perf_counter() - t0
             peak_mb = mem.peak_bytes / 2**20
-            runs[mode].append({"wall_s": round(wall, 3), "peak_rss_mb": round(peak_mb, 1)})
+            pss_mb = mem.peak_pss_bytes / 2**20
+            figures: dict[str, Any] = {
+                "wall_s": round(wall, 3),
+                "peak_rss_mb": round(peak_mb, 1),
+                "peak_pss_mb": round(pss_mb, 1),
+            }
+            if run_id:
+                figures["run_id"] = run_id
+                figures["breakdown"] = breakdown(instance, run_id)
+            runs[mode].append(figures)
             progress(
-                f"[{done}/{total}] {mode:<20} round {round_no + 1}: {wall:7.2f}s, peak {peak_mb:7.0f} MB"
+                f"[{done}/{total}] {mode:<20} round {round_no + 1}: {wall:7.2f}s, "
+                f"peak RSS {peak_mb:6.0f} MB, PSS {pss_mb:6.0f} MB"
             )
 
     summary = {
@@ -222,10 +302,17 @@ def bench(
             "min_s": round(min(r["wall_s"] for r in rs), 3),
             "max_s": round(max(r["wall_s"] for r in rs), 3),
             "peak_rss_mb": round(max(r["peak_rss_mb"] for r in rs), 1),
+            "peak_pss_mb": round(max(r["peak_pss_mb"] for r in rs), 1),
             "runs": rs,
         }
         for mode, rs in runs.items()
     }
+    for mode, rs in runs.items():
+        parts = [r["breakdown"] for r in rs if "breakdown" in r]
+        if parts:
+            summary[mode]["breakdown_median"] = {
+                key: round(statistics.median(p[key] for p in parts), 3) for key in parts[0]
+            }
     ratios = []
     for num, den, op, target in TARGETS:
         if num in summary and den in summary:
@@ -240,10 +327,10 @@ def bench(
                 }
             )
     if "dagster-parallel" in summary:
-        peak = summary["dagster-parallel"]["peak_rss_mb"]
+        peak = summary["dagster-parallel"]["peak_pss_mb"]
         ratios.append(
             {
-                "ratio": "dagster-parallel peak memory (MB)",
+                "ratio": "dagster-parallel peak memory (PSS MB)",
                 "value": peak,
                 "target": f"<= {PARALLEL_MEMORY_TARGET_MB}",
                 "met": peak <= PARALLEL_MEMORY_TARGET_MB,
@@ -254,6 +341,8 @@ def bench(
         "repeat": repeat,
         "source": table,
         "source_version": source["version"],
+        "with_checks": with_checks,
+        "engine_memory": engine.EngineConfig.from_env().driver_memory,
         "modes": summary,
         "targets": ratios,
     }
@@ -262,13 +351,25 @@ def bench(
 def format_table(result: dict[str, Any]) -> str:
     """The bench result as a plain-text table."""
     lines = [
-        f"{result['rows']} rows, {result['repeat']} round(s), source version {result['source_version']}",
-        f"{'mode':<20} {'median s':>9} {'min s':>8} {'max s':>8} {'peak MB':>8}",
+        f"{result['rows']} rows, {result['repeat']} round(s), source version "
+        f"{result['source_version']}, engine memory {result['engine_memory']}, "
+        + ("with check steps" if result["with_checks"] else "notebook steps only"),
+        f"{'mode':<20} {'median s':>9} {'min s':>8} {'max s':>8} {'RSS MB':>8} {'PSS MB':>8}",
     ]
     for mode, m in result["modes"].items():
         lines.append(
-            f"{mode:<20} {m['median_s']:>9.2f} {m['min_s']:>8.2f} {m['max_s']:>8.2f} {m['peak_rss_mb']:>8.0f}"
+            f"{mode:<20} {m['median_s']:>9.2f} {m['min_s']:>8.2f} {m['max_s']:>8.2f} "
+            f"{m['peak_rss_mb']:>8.0f} {m['peak_pss_mb']:>8.0f}"
         )
+    parts = {
+        m: f["breakdown_median"] for m, f in result["modes"].items() if "breakdown_median" in f
+    }
+    if parts:
+        keys = ("wall_s", "launch_s", "notebooks_s", "step_overhead_s", "idle_s")
+        lines += ["", "where the time goes (Dagster runs, medians, seconds):"]
+        lines.append(f"{'mode':<20} " + " ".join(f"{k:>16}" for k in keys))
+        for mode, b in parts.items():
+            lines.append(f"{mode:<20} " + " ".join(f"{b[k]:>16.2f}" for k in keys))
     lines.append("")
     for t in result["targets"]:
         lines.append(

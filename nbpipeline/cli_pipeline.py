@@ -299,9 +299,11 @@ def run_job_fn(
     *,
     tags: dict[str, str] | None = None,
     out: Callable[[str], None] = _progress,
+    op_selection: list[str] | None = None,
 ) -> dict[str, Any]:
     """Like `run_job`, for any module-level function returning a job (it must be importable,
-    since `dg.reconstructable` rebuilds the job in step processes)."""
+    since `dg.reconstructable` rebuilds the job in step processes). `op_selection` runs only
+    those steps of the job."""
     import dagster as dg
 
     from nbpipeline.instance import get_instance
@@ -315,7 +317,11 @@ def run_job_fn(
     started = time.monotonic()
     try:
         with dg.execute_job(
-            dg.reconstructable(job_fn), instance=instance, run_config=run_config, tags=run_tags
+            dg.reconstructable(job_fn),
+            instance=instance,
+            run_config=run_config,
+            tags=run_tags,
+            op_selection=op_selection,
         ) as result:
             success = result.success
             run_id = result.run_id

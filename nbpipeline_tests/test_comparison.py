@@ -174,14 +174,28 @@ def test_parallel_orchestration_reports_a_failing_child_by_name(spark, tmp_path:
 def test_bench_tiny_runs_every_mode(spark, pair, capsys) -> None:
     from nbpipeline import bench
 
+    instance = pair[0]
+    before = {r.run_id for r in instance.get_runs()}
     assert main(["bench", "--rows", "300", "--repeat", "1", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert set(data["modes"]) == set(bench.MODES)
+    assert data["with_checks"] is False
     for figures in data["modes"].values():
-        assert set(figures) >= {"median_s", "min_s", "max_s", "peak_rss_mb"}
+        assert set(figures) >= {"median_s", "min_s", "max_s", "peak_rss_mb", "peak_pss_mb"}
         assert 0 < figures["min_s"] <= figures["median_s"] <= figures["max_s"]
         assert figures["peak_rss_mb"] > 100  # includes the engine JVM (or the step JVMs)
+        # PSS splits pages shared between processes, so the sum can only be smaller.
+        assert 0 < figures["peak_pss_mb"] <= figures["peak_rss_mb"]
     assert {t["ratio"] for t in data["targets"]} >= {"dagster-parallel / notebook-threads"}
+    # The Dagster modes ran the notebook steps of the real jobs, and no check step.
+    bench_runs = [r for r in instance.get_runs() if r.run_id not in before]
+    assert {r.job_name for r in bench_runs} == {"sequential_notebooks", "parallel_notebooks"}
+    for run in bench_runs:
+        started = {
+            e.step_key
+            for e in instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_START)
+        }
+        assert started == set(bench.NOTEBOOK_STEPS), run.job_name
 
 
 def test_databricks_run_records_feed_the_same_comparison() -> None:

@@ -66,6 +66,18 @@ def test_bad_port_and_remote(monkeypatch, tmp_path: Path) -> None:
         engine.engine_url("http://localhost:15002")
 
 
+def test_engine_memory_is_checked_before_the_jvm_sees_it(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("NBPIPELINE_HOME", str(tmp_path))
+    monkeypatch.delenv("NBPIPELINE_ENGINE_MEMORY", raising=False)
+    assert engine.EngineConfig.from_env().driver_memory == engine.DEFAULT_MEMORY
+    monkeypatch.setenv("NBPIPELINE_ENGINE_MEMORY", "1536m")
+    assert engine.EngineConfig.from_env().driver_memory == "1536m"
+    for bad in ("lots", "2 g", "0g", "-1g"):
+        monkeypatch.setenv("NBPIPELINE_ENGINE_MEMORY", bad)
+        with pytest.raises(EngineError, match="is not a JVM memory size"):
+            engine.EngineConfig.from_env()
+
+
 def test_config_keeps_everything_under_home(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("NBPIPELINE_HOME", str(tmp_path / "h"))
     monkeypatch.setenv("NBPIPELINE_ENGINE_PORT", "15999")
