@@ -114,6 +114,10 @@ def build_run_config(
             raise ConfigError("--max-concurrent applies to `nbpipeline run parallel` only")
         if max_concurrent < 1:
             raise ConfigError(f"invalid --max-concurrent {max_concurrent}: expected N >= 1")
+    if mode == "parallel":
+        # Spelled out, not left to the job's default: a subset of the job (an op selection, a
+        # re-execution of some steps) drops the job's default config, and the multiprocess
+        # executor then runs as many steps as there are cores (2 here) with `spawn`.
         run_config["execution"] = parallel_execution_config(max_concurrent)
     return run_config
 

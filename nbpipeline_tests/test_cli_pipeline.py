@@ -72,6 +72,12 @@ def test_run_config_from_options() -> None:
     }
     assert config["ops"]["Notebook4"]["config"]["high_value_threshold"] == "250.5"
     assert config["execution"]["config"]["max_concurrent"] == 2
+    # Without the option the parallel run still spells out the job's executor config: subsets
+    # of the job (op selections, re-executions) do not inherit the job's default config.
+    default = build_run_config("parallel", source="s.orders")["execution"]["config"]
+    assert default["max_concurrent"] == 4
+    assert "forkserver" in default["start_method"]
+    assert "execution" not in build_run_config("sequential", source="s.orders")
     with pytest.raises(ConfigError, match="disagree"):
         build_run_config("sequential", source="a.b", params={"source_table": "c.d"})
 
