@@ -196,6 +196,11 @@ def test_bench_tiny_runs_every_mode(spark, pair, capsys) -> None:
             for e in instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_START)
         }
         assert started == set(bench.NOTEBOOK_STEPS), run.job_name
+        if run.job_name == "parallel_notebooks":
+            # A subset run gets no job defaults: the four steps must still run at once, forked.
+            executor = run.run_config["execution"]["config"]
+            assert executor["max_concurrent"] == 4
+            assert "forkserver" in executor["start_method"]
 
 
 def test_databricks_run_records_feed_the_same_comparison() -> None:
