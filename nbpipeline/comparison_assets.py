@@ -61,17 +61,23 @@ runtime_comparison_job = dg.define_asset_job(
 
 def build_sensor(jobs: list) -> dg.RunStatusSensorDefinition:
     """The sensor watching the two notebook jobs (passed in, so there is one job definition)."""
-    monitored = [j for j in jobs if j.name in (SEQUENTIAL_JOB, PARALLEL_JOB)]
+    watched = {j.name for j in jobs if j.name in (SEQUENTIAL_JOB, PARALLEL_JOB)}
 
+    # Runs launched by `nbpipeline run` (or any `execute_job`) carry no code-location origin, and a
+    # sensor restricted to `monitored_jobs` only sees runs launched from its own code location
+    # (the UI, schedules). So it watches every run and picks the two jobs by name.
     @dg.run_status_sensor(
         run_status=dg.DagsterRunStatus.SUCCESS,
-        monitored_jobs=monitored,
+        monitor_all_code_locations=True,
         request_job=runtime_comparison_job,
         name="runtime_comparison_sensor",
         default_status=dg.DefaultSensorStatus.RUNNING,
-        description="Refreshes runtime_comparison after each successful notebook job run.",
+        description="Refreshes runtime_comparison after each successful notebook job run "
+        "(launched from the UI, a schedule or `nbpipeline run`).",
     )
     def runtime_comparison_sensor(context: dg.RunStatusSensorContext):
+        if context.dagster_run.job_name not in watched:
+            return dg.SkipReason(f"{context.dagster_run.job_name} is not a notebook job")
         try:
             comparison.latest_pair(context.instance)
         except ConfigError as exc:

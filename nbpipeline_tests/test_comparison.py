@@ -121,7 +121,18 @@ def test_runtime_comparison_asset_and_sensor(pair) -> None:
         ].dagster_event,
     )
     request = sensor(ctx)
+    # The pair was launched like `nbpipeline run` does (no code-location origin) and still counts.
+    assert run.remote_job_origin is None
     assert isinstance(request, dg.RunRequest) and request.run_key == ids["parallel"]
+    # Other jobs' runs (its own refresh runs included) are skipped, not answered with a request.
+    other = run._replace(job_name="runtime_comparison_job")  # DagsterRun is a NamedTuple
+    ctx_other = dg.build_run_status_sensor_context(
+        sensor_name=sensor.name,
+        dagster_instance=instance,
+        dagster_run=other,
+        dagster_event=ctx.dagster_event,
+    )
+    assert isinstance(sensor(ctx_other), dg.SkipReason)
 
 
 def _rows(spark, table: str, keys: tuple[str, ...]) -> list[tuple]:
