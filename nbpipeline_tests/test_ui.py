@@ -158,8 +158,11 @@ def dagster_dev(spark, tmp_path: Path, artifacts: Path) -> Iterator[DagsterDev]:
 
 @pytest.fixture
 def page(artifacts: Path):
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
+    # Pages of a busy machine's webserver can take many seconds; assertions wait as long as
+    # actions do.
+    expect.set_options(timeout=UI_TIMEOUT_MS)
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (or set NBPIPELINE_CHROMIUM)")
     with sync_playwright() as p:
@@ -284,13 +287,20 @@ def _walk_the_user_path(dagster_dev: DagsterDev, page, artifacts: Path) -> None:
     comparison_run = _wait_for_comparison(dagster_dev.home, after=par_id)
     assert comparison_run.status == dg.DagsterRunStatus.SUCCESS, comparison_run.status
     page.goto(f"{ui}/assets/runtime_comparison")
-    metadata = page.locator("table:has-text('speedup')").first
-    expect(metadata).to_be_visible()
-    row = metadata.locator("tr", has_text="speedup").first
-    expect(row).to_contain_text(re.compile(r"speedup\s*\d+(\.\d+)?"))
-    expect(metadata).to_contain_text("parallel_efficiency")
-    expect(page.get_by_text(seq_id[:8]).first).to_be_visible()
-    expect(page.get_by_text(par_id[:8]).first).to_be_visible()
+
+    def metadata_row(key: str):
+        """The metadata table's row for `key` (its first cell is exactly the key)."""
+        cell = page.locator("td").filter(has_text=re.compile(rf"^\s*{key}\s*$"))
+        return page.locator("tr").filter(has=cell).last
+
+    number = re.compile(r"^\s*\d+(\.\d+)?\s*$")
+    speedup = metadata_row("speedup")
+    expect(speedup.locator("td").last).to_have_text(number)  # key, timestamp, value
+    expect(metadata_row("parallel_efficiency").locator("td").last).to_have_text(number)
+    # The pair it compares: the two runs of this test.
+    expect(metadata_row("sequential_run_id")).to_contain_text(seq_id[:8])
+    expect(metadata_row("parallel_run_id")).to_contain_text(par_id[:8])
+    speedup.scroll_into_view_if_needed()
     _shot(page, artifacts, "3_runtime_comparison")
 
     # 7. The graph again, every asset materialized.
