@@ -173,7 +173,7 @@ def page(artifacts: Path):
             page = context.new_page()
             # A first visit shows a "Join the Dagster community" dialog over whatever page is
             # open; dismiss it whenever it appears.
-            skip = page.get_by_role("button", name="Skip")
+            skip = page.get_by_role("button", name="Skip", exact=True)
             page.add_locator_handler(skip, lambda: skip.click())
             yield page
         finally:
@@ -329,14 +329,16 @@ def _toggle_schedule(page, ui: str, home: Path, artifacts: Path) -> None:
 
     name = SCHEDULE_NAMES["parallel"]
     page.goto(f"{ui}/locations/nbpipeline/schedules/{name}")
-    switch = page.locator("input[type=checkbox]").first
-    expect(switch).not_to_be_checked()  # stopped by default
-    switch.check(force=True)  # the input is drawn as a switch over it
-    expect(switch).to_be_checked()
+    state = page.locator("input[type=checkbox]").first
+    # The input itself is hidden; what a user clicks is the switch drawn in its label.
+    switch = page.locator("label").filter(has=state).first
+    expect(state).not_to_be_checked()  # stopped by default
+    switch.click()
+    expect(state).to_be_checked()
     _wait_schedule_state(home, name, running=True)
     _shot(page, artifacts, "4_schedule_on")
-    switch.uncheck(force=True)
-    expect(switch).not_to_be_checked()
+    switch.click()
+    expect(state).not_to_be_checked()
     _wait_schedule_state(home, name, running=False)
 
 
