@@ -291,7 +291,7 @@ def _seed_default_source_if_missing(run_config: dict[str, Any]) -> None:
     """Before a run on the local engine with the default source: seed it if it is missing.
 
     Only the default source is seeded: a table the user named is theirs, and a missing one is
-    reported by the notebooks (with `nbpipeline seed --table` as the hint).
+    reported by the notebooks as the step's error.
     """
     from nbpipeline import engine
     from nbpipeline.resources import selected_backend
