@@ -344,17 +344,21 @@ def _toggle_schedule(page, ui: str, home: Path, artifacts: Path) -> None:
 
 def _wait_schedule_state(home: Path, name: str, running: bool, timeout_s: float = 30) -> None:
     """Wait until the instance stores the schedule as running (or stopped), as the UI said."""
+    # Not exported at the top level of dagster; the instance API that reads them is public.
+    from dagster._core.definitions.run_request import InstigatorType
+    from dagster._core.scheduler.instigation import InstigatorStatus
+
     deadline = time.monotonic() + timeout_s
     status = None
     with dg.DagsterInstance.from_config(str(home)) as instance:
         while time.monotonic() < deadline:
             states = [
                 s
-                for s in instance.all_instigator_state(instigator_type=dg.InstigatorType.SCHEDULE)
+                for s in instance.all_instigator_state(instigator_type=InstigatorType.SCHEDULE)
                 if s.name == name
             ]
             status = states[0].status if states else None
-            if (status == dg.InstigatorStatus.RUNNING) == running:
+            if (status == InstigatorStatus.RUNNING) == running:
                 return
             time.sleep(0.5)
     pytest.fail(f"schedule {name} is {status} in the instance, expected running={running}")
