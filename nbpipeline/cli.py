@@ -144,12 +144,31 @@ def cmd_tables(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parser
 
 
+class _OneLineHelpFormatter(argparse.HelpFormatter):
+    """Lists each command with its help on one line (argparse wraps at the terminal width and
+    moves the help of a long command name to its own line, which splits the list)."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=24, width=110)
+
+    def add_argument(self, action: argparse.Action) -> None:
+        super().add_argument(action)
+        # argparse measures command names without their indent, so the longest one
+        # ("databricks") would not fit its column: reserve room for it.
+        self._action_max_length = max(self._action_max_length, 16)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from nbpipeline.settings import DEFAULT_SOURCE_TABLE
 
     parser = argparse.ArgumentParser(
         prog="nbpipeline",
         description="Run the nbpipeline notebooks on local Spark + Delta or Databricks.",
+        epilog=(
+            "First time? `nbpipeline run parallel` starts the local engine and seeds a small "
+            "source if there is none. Every command has --help."
+        ),
+        formatter_class=_OneLineHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

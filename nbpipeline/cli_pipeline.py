@@ -28,6 +28,10 @@ if TYPE_CHECKING:
     import dagster as dg
 
 LAUNCH_TAG = "nbpipeline/launch_id"
+#: Rows seeded when `nbpipeline run` finds no source table yet: enough for the notebooks to do
+#: real work, small enough for a laptop's first run (NBPIPELINE_FIRST_RUN_ROWS overrides).
+FIRST_RUN_ROWS = 100_000
+FIRST_RUN_ROWS_ENV = "NBPIPELINE_FIRST_RUN_ROWS"
 LAUNCHED_BY_TAG = "nbpipeline/launched_by"
 _POLL_SECONDS = 0.5
 
@@ -252,6 +256,63 @@ class ProgressPrinter(threading.Thread):
                 )
 
 
+def first_run_rows() -> int:
+    """Rows to seed when the default source is missing (NBPIPELINE_FIRST_RUN_ROWS, else 100,000)."""
+    raw = os.environ.get(FIRST_RUN_ROWS_ENV, "").strip()
+    if not raw:
+        return FIRST_RUN_ROWS
+    try:
+        rows = int(raw)
+    except ValueError:
+        rows = 0
+    if rows < 1:
+        raise ConfigError(
+            f"{FIRST_RUN_ROWS_ENV}={raw!r} is not a positive number of rows",
+            hint=f"unset it for the default ({FIRST_RUN_ROWS:,})",
+        )
+    return rows
+
+
+def ensure_source(
+    spark: Any, table: str, *, rows: int, out: Callable[[str], None] = _progress
+) -> bool:
+    """Seed `table` with `rows` synthetic orders if it does not exist; True if it seeded.
+
+    A newcomer's first `nbpipeline run` then works without a separate `nbpipeline seed` step.
+    An existing table, even an empty one, is never touched.
+    """
+    from nbpipeline import seed
+
+    if spark.catalog.tableExists(table):
+        return False
+    out(f"No source table {table} yet: seeding {rows:,} rows (nbpipeline seed --rows {rows}) ...")
+    result = seed.seed_orders(spark, table, rows=rows, progress=out)
+    out(f"Seeded {result['table']}: {result['rows']:,} rows in {result['seconds']:.1f}s")
+    return True
+
+
+def _seed_default_source_if_missing(run_config: dict[str, Any]) -> None:
+    """Before a run on the local engine with the default source: seed it if it is missing.
+
+    Only the default source is seeded: a table the user named is theirs, and a missing one is
+    reported by the notebooks as the step's error.
+    """
+    from nbpipeline import engine
+    from nbpipeline.resources import selected_backend
+    from nbpipeline.settings import DEFAULT_SOURCE_TABLE
+
+    if selected_backend() != "local":
+        return
+    sources = {cfg["config"].get("source_table") for cfg in run_config["ops"].values()}
+    if sources - {None, DEFAULT_SOURCE_TABLE}:
+        return
+    rows = first_run_rows()
+    # The engine is started here (and says so) rather than by the first step, so its start-up
+    # shows on the terminal instead of inside a step's log.
+    spark = engine.get_spark(progress=_progress)
+    ensure_source(spark, DEFAULT_SOURCE_TABLE, rows=rows)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from nbpipeline.cli import parse_params
 
@@ -262,6 +323,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         max_concurrent=args.max_concurrent,
         timeout_seconds=args.timeout,
     )
+    _seed_default_source_if_missing(run_config)
     if not args.dagster_log:
         # The progress lines below say what happened; Dagster's console logger would repeat
         # every event. The event log (what the UI shows) keeps everything either way.

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
 DEFAULT_PORT = 15002
 START_TIMEOUT_S = 180.0
+_START_NOTE_EVERY_S = 15.0  # how often a slow engine start says it is still going
 # Client sessions of this process, by Spark Connect URL.
 _sessions: dict[str, SparkSession] = {}
 
@@ -414,21 +415,28 @@ def start(config: EngineConfig | None = None, progress: Progress | None = None) 
         }
         (config.state_dir / "server.json").write_text(json.dumps(state))
         deadline = started + START_TIMEOUT_S
+        next_note = _START_NOTE_EVERY_S
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise EngineError(
                     f"the local engine exited during start-up (code {proc.returncode}); "
                     f"last log lines:\n{_log_tail(logfile)}",
-                    hint=f"see {logfile}",
+                    hint=f"see {logfile}; once fixed, run `nbpipeline engine start`",
                 )
             if _port_open(config.host, config.port):
                 break
             time.sleep(0.25)
+            waited = time.monotonic() - started
+            if waited >= next_note:
+                # A JVM start is seconds on an idle laptop but can take a minute on a busy one.
+                progress(f"  ... still starting ({waited:.0f}s; log: {logfile})")
+                next_note += _START_NOTE_EVERY_S
         else:
             stop(config)
             raise EngineError(
                 f"the local engine did not open port {config.port} within {START_TIMEOUT_S:.0f}s",
-                hint=f"see {logfile}",
+                hint=f"see {logfile}; then `nbpipeline engine start` (a busy machine may need "
+                "a second try)",
             )
         progress(f"Local Spark engine ready in {time.monotonic() - started:.1f}s")
         return config.url

@@ -1,0 +1,225 @@
+"""Every shell command in README.md is exercised: here, by another test, or by `.ci/run`.
+
+The fenced shell blocks of README are parsed; each command line must appear in `EXERCISED_BY`,
+which names the test (file::function, checked to exist) or CI step that runs it. A command added
+to README without a test fails here. The cheap commands are run right here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nbpipeline.settings import DEFAULT_SOURCE_TABLE, PROJECT_ROOT
+
+README = PROJECT_ROOT / "README.md"
+CI_RUN = PROJECT_ROOT / ".ci" / "run"
+TESTS = Path(__file__).resolve().parent
+
+# README command (as written, trailing comment removed) -> what runs it: "file.py::test" or
+# ".ci/run". Synopsis lines ([--flag], A | B) map to the tests covering those options.
+EXERCISED_BY: dict[str, list[str]] = {
+    'pip install -e ".[dev]"': [".ci/run"],
+    "pytest": [".ci/run"],
+    "nbpipeline run parallel": ["test_readme.py::test_main_command_seeds_a_missing_source"],
+    "nbpipeline ui": [
+        "test_ui.py::test_user_path_in_the_dagster_ui",
+        "test_cli_pipeline.py::test_ui_runs_dagster_dev_on_the_same_instance",
+    ],
+    "export DAGSTER_HOME=~/.nbpipeline/dagster_home && dagster dev -w workspace.yaml": [
+        # `nbpipeline ui` runs exactly `dagster dev -w workspace.yaml` with DAGSTER_HOME set.
+        "test_ui.py::test_user_path_in_the_dagster_ui",
+    ],
+    "nbpipeline seed --rows 100000": ["test_cli.py::test_seed_notebook_run_and_tables"],
+    "nbpipeline notebook run notebooks/Notebook1.py": [
+        "test_cli.py::test_seed_notebook_run_and_tables"
+    ],
+    "nbpipeline notebook run notebooks/Notebook4.py --param high_value_threshold=500": [
+        "test_cli.py::test_seed_notebook_run_and_tables"
+    ],
+    "nbpipeline tables --json": ["test_cli.py::test_seed_notebook_run_and_tables"],
+    "nbpipeline engine start | stop | status [--json]": [
+        "test_readme.py::test_engine_commands",
+        "test_engine.py::test_running_engine_status_and_port_clash",
+    ],
+    "nbpipeline run sequential [--source TABLE] [--param key=value ...] [--max-concurrent N]": [
+        "test_ui.py::test_user_path_in_the_dagster_ui",
+        "test_cli_pipeline.py::test_failed_run_exits_1_with_the_step_error",
+        "test_cli_pipeline.py::test_bad_input_exits_2",
+    ],
+    "nbpipeline compare [--json] [--plot timeline.png]": [
+        "test_comparison.py::test_compare_matches_the_event_log"
+    ],
+    "nbpipeline seed --rows N [--seed S] [--dirty] [--table T]": [
+        "test_cli.py::test_seed_notebook_run_and_tables"
+    ],
+    "nbpipeline seed --changes F [--seed S]": ["test_readme.py::test_seed_change_batch_command"],
+    "nbpipeline databricks deploy --dry-run --json": [
+        "test_databricks_jobs.py::test_dry_run_json_needs_no_credentials_and_validates"
+    ],
+    'nbpipeline databricks deploy --cron "0 2 * * 1-5" --timezone Europe/Berlin [--unpaused]': [
+        "test_databricks_jobs.py::test_dry_run_text_and_options",
+        "test_databricks_jobs.py::test_diff_shows_hand_edits_and_deploy_reverts_them",
+    ],
+    "nbpipeline databricks diff": [
+        "test_databricks_jobs.py::test_diff_shows_hand_edits_and_deploy_reverts_them"
+    ],
+    "nbpipeline databricks run parallel": [
+        "test_databricks_jobs.py::test_run_sequential_prints_task_timings_from_the_run_record"
+    ],
+    # The comparison of two Databricks run records (fetching them needs a workspace).
+    "nbpipeline compare --databricks-runs SEQ_RUN_ID PAR_RUN_ID": [
+        "test_comparison.py::test_databricks_run_records_feed_the_same_comparison"
+    ],
+    "export NBPIPELINE_DELTA_JARS=$HOME/delta-jars": [
+        "test_engine.py::test_offline_jars_folder_is_used_as_is"
+    ],
+}
+# Commands of other tools that README shows for offline set-up; nothing here can run them (no
+# Maven, no Maven Central). Listed so that adding one is a conscious choice.
+NOT_RUN: dict[str, str] = {
+    "mvn dependency:copy -Dartifact=io.delta:delta-spark_4.2_2.13:4.4.0 "
+    "-DoutputDirectory=$HOME/delta-jars": "Maven, for offline JARs",
+    "mvn dependency:copy -Dartifact=io.delta:delta-storage:4.4.0 "
+    "-DoutputDirectory=$HOME/delta-jars": "Maven, for offline JARs",
+}
+
+
+def readme_commands(text: str) -> list[str]:
+    """The command lines of README's fenced shell blocks, trailing comments removed."""
+    commands = []
+    for block in re.finditer(r"^```(?:bash|sh|shell|console)\n(.*?)^```", text, re.S | re.M):
+        for line in block.group(1).splitlines():
+            command = re.sub(r"\s+#.*$", "", line).strip()
+            if command:
+                commands.append(command)
+    return commands
+
+
+def _cli(*argv: str, env: dict[str, str] | None = None, timeout: float = 600):
+    return subprocess.run(
+        [sys.executable, "-m", "nbpipeline.cli", *argv],
+        cwd=PROJECT_ROOT,
+        env=env or dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_every_readme_command_is_exercised() -> None:
+    commands = readme_commands(README.read_text())
+    assert "nbpipeline run parallel" in commands  # the parser finds README's main command
+    missing = [c for c in commands if c not in EXERCISED_BY and c not in NOT_RUN]
+    assert not missing, f"README commands with no test: add them to EXERCISED_BY: {missing}"
+    ci = CI_RUN.read_text()
+    for command in set(commands) & set(EXERCISED_BY):
+        for where in EXERCISED_BY[command]:
+            if where == ".ci/run":
+                assert re.search(rf"^\s*{re.escape(command)}(\s|$)", ci, re.M), (command, where)
+                continue
+            file, _, test = where.partition("::")
+            source = (TESTS / file).read_text()
+            assert re.search(rf"^def {re.escape(test)}\(", source, re.M), f"{where} is gone"
+
+
+def test_readme_images_exist() -> None:
+    for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", README.read_text()):
+        assert (PROJECT_ROOT / image).is_file(), image
+
+
+def test_help_lists_every_command_on_one_line() -> None:
+    from nbpipeline.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    out = _cli("--help").stdout
+    for name in commands:
+        assert re.search(rf"^    {name}\s{{2,}}\S", out, re.M), f"{name} not on one line:\n{out}"
+
+
+def test_bad_first_run_rows_is_one_line_with_a_hint() -> None:
+    env = {**os.environ, "NBPIPELINE_FIRST_RUN_ROWS": "lots"}
+    proc = _cli("run", "parallel", env=env, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: NBPIPELINE_FIRST_RUN_ROWS='lots'")
+    assert "hint: unset it" in proc.stderr
+
+
+@pytest.mark.spark
+def test_engine_commands(spark, tmp_path: Path) -> None:
+    """`engine status --json` and `engine start` on the session's engine; `engine stop` on a
+    home whose engine is not running (stopping the session's engine would end other tests)."""
+    import json
+
+    status = json.loads(_cli("engine", "status", "--json").stdout)
+    assert status["running"]
+    started = _cli("engine", "start")
+    assert started.returncode == 0 and started.stdout.strip() == status["url"]
+    env = {**os.environ, "NBPIPELINE_HOME": str(tmp_path / "other")}
+    stopped = _cli("engine", "stop", env=env)
+    assert stopped.returncode == 0 and "was not running" in stopped.stderr
+
+
+def test_engine_start_says_so_and_a_failure_names_the_next_step(tmp_path: Path) -> None:
+    """The first command needing the engine starts it and says so; if the JVM cannot start,
+    the error names the log and the hint the command to retry (driver memory 'none' makes the
+    JVM exit at once, so no engine is left behind)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "NBPIPELINE_HOME": str(tmp_path / "home"),
+        "NBPIPELINE_ENGINE_PORT": str(port),
+        "NBPIPELINE_ENGINE_MEMORY": "none",
+    }
+    proc = _cli("tables", env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "Starting the local Spark engine on sc://127.0.0.1:" in proc.stderr
+    assert "error: the local engine exited during start-up" in proc.stderr
+    assert "hint: " in proc.stderr and "nbpipeline engine start" in proc.stderr
+
+
+@pytest.mark.spark
+def test_seed_change_batch_command(spark, schema: str) -> None:
+    table = f"{schema}.orders"
+    assert _cli("seed", "--rows", "300", "--table", table).returncode == 0
+    proc = _cli("seed", "--changes", "0.1", "--seed", "7", "--table", table)
+    assert proc.returncode == 0, proc.stderr
+    assert "Applied a change batch" in proc.stderr
+    assert spark.sql(f"DESCRIBE HISTORY {table} LIMIT 1").collect()[0]["version"] >= 1
+
+
+@pytest.mark.spark
+@pytest.mark.dagster
+@pytest.mark.slow
+def test_main_command_seeds_a_missing_source(spark, tmp_path: Path) -> None:
+    """README's main command as a newcomer runs it: no source yet and no DAGSTER_HOME. It seeds
+    (a small size here, through NBPIPELINE_FIRST_RUN_ROWS), says so, and runs the parallel job."""
+    spark.sql(f"DROP TABLE IF EXISTS {DEFAULT_SOURCE_TABLE}")
+    env = {**os.environ, "NBPIPELINE_FIRST_RUN_ROWS": "500"}
+    env.pop("DAGSTER_HOME", None)
+    proc = _cli("run", "parallel", env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    err = proc.stderr
+    assert "DAGSTER_HOME is not set; using" in err
+    assert f"No source table {DEFAULT_SOURCE_TABLE} yet: seeding 500 rows" in err
+    for n in (1, 2, 3, 4):
+        assert f"Notebook{n}: succeeded" in err
+    run_id = proc.stdout.strip()
+    assert re.fullmatch(r"[0-9a-f-]{36}", run_id), proc.stdout
+    assert spark.table(DEFAULT_SOURCE_TABLE).count() == 500
+    # The next run finds the source and leaves it alone.
+    from nbpipeline.cli_pipeline import ensure_source
+
+    said: list[str] = []
+    assert ensure_source(spark, DEFAULT_SOURCE_TABLE, rows=10, out=said.append) is False
+    assert said == [] and spark.table(DEFAULT_SOURCE_TABLE).count() == 500
