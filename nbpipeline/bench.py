@@ -83,7 +83,9 @@ def per_process_parallel_job() -> dg.JobDefinition:
 
 
 class MemorySampler(threading.Thread):
-    """Peaks of the summed RSS and PSS of this process tree (plus extra pids' trees), sampled."""
+    """Peaks of the summed RSS and PSS of this process tree (plus extra pids' trees), sampled;
+    and the CPU seconds the tree used meanwhile (`cpu_s`, and `engine_cpu_s` of the first extra
+    pid's tree, the engine JVM), which tells whether the engine had idle cores to offer."""
 
     def __init__(self, extra_pids: list[int], interval_s: float = 0.1) -> None:
         super().__init__(daemon=True)
@@ -91,7 +93,18 @@ class MemorySampler(threading.Thread):
         self.interval_s = interval_s
         self.peak_bytes = 0
         self.peak_pss_bytes = 0
+        # pid -> (CPU seconds when first seen, when last seen, part of the engine's tree)
+        self._cpu: dict[int, list[Any]] = {}
+        self._first_sample = True
         self._done = threading.Event()
+
+    @property
+    def cpu_s(self) -> float:
+        return sum(last - first for first, last, _ in self._cpu.values())
+
+    @property
+    def engine_cpu_s(self) -> float:
+        return sum(last - first for first, last, engine in self._cpu.values() if engine)
 
     def _sample(self) -> None:
         rss, pss = self._tree_memory()
@@ -105,6 +118,7 @@ class MemorySampler(threading.Thread):
                 roots.append(psutil.Process(pid))
         seen: set[int] = set()
         rss = pss = 0
+        engine_root = self.extra_pids[0] if self.extra_pids else None
         for root in roots:
             try:
                 procs = [root, *root.children(recursive=True)]
@@ -115,12 +129,22 @@ class MemorySampler(threading.Thread):
                     continue
                 seen.add(proc.pid)
                 with contextlib.suppress(psutil.Error):
+                    times = proc.cpu_times()
+                    used = times.user + times.system
+                    # Processes already running when sampling began count from then; those
+                    # started later (step processes, their JVMs) count from zero.
+                    entry = self._cpu.setdefault(
+                        proc.pid,
+                        [used if self._first_sample else 0.0, used, root.pid == engine_root],
+                    )
+                    entry[1] = used
                     info = proc.memory_full_info()  # PSS comes from /proc/PID/smaps_rollup
                     rss += info.rss
                     # No PSS off Linux: count RSS. And never more than RSS: this machine's
                     # kernel was seen reporting a JVM's PSS above its RSS (1424 vs 1189 MB),
                     # which a proportional share of resident pages cannot be.
                     pss += min(getattr(info, "pss", info.rss), info.rss)
+        self._first_sample = False
         return rss, pss
 
     def run(self) -> None:
@@ -289,14 +313,19 @@ def bench(
                 "wall_s": round(wall, 3),
                 "peak_rss_mb": round(peak_mb, 1),
                 "peak_pss_mb": round(pss_mb, 1),
+                "cpu_s": round(mem.cpu_s, 1),
+                # Average busy cores of the engine JVM over the run (2 = both cores saturated).
+                "engine_cores_busy": round(mem.engine_cpu_s / wall, 2) if extra else None,
             }
             if run_id:
                 figures["run_id"] = run_id
                 figures["breakdown"] = breakdown(instance, run_id)
             runs[mode].append(figures)
+            busy = figures["engine_cores_busy"]
             progress(
                 f"[{done}/{total}] {mode:<20} round {round_no + 1}: {wall:7.2f}s, "
-                f"peak RSS {peak_mb:6.0f} MB, PSS {pss_mb:6.0f} MB"
+                f"peak RSS {peak_mb:6.0f} MB, PSS {pss_mb:6.0f} MB, CPU {mem.cpu_s:6.1f}s"
+                + (f", engine {busy:.2f} cores busy" if busy is not None else "")
             )
 
     summary = {
@@ -306,6 +335,8 @@ def bench(
             "max_s": round(max(r["wall_s"] for r in rs), 3),
             "peak_rss_mb": round(max(r["peak_rss_mb"] for r in rs), 1),
             "peak_pss_mb": round(max(r["peak_pss_mb"] for r in rs), 1),
+            "cpu_s": round(statistics.median(r["cpu_s"] for r in rs), 1),
+            "engine_cores_busy": _median_or_none([r["engine_cores_busy"] for r in rs]),
             "runs": rs,
         }
         for mode, rs in runs.items()
@@ -351,18 +382,26 @@ def bench(
     }
 
 
+def _median_or_none(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return round(statistics.median(known), 2) if known else None
+
+
 def format_table(result: dict[str, Any]) -> str:
     """The bench result as a plain-text table."""
     lines = [
         f"{result['rows']} rows, {result['repeat']} round(s), source version "
         f"{result['source_version']}, engine memory {result['engine_memory']}, "
         + ("with check steps" if result["with_checks"] else "notebook steps only"),
-        f"{'mode':<20} {'median s':>9} {'min s':>8} {'max s':>8} {'RSS MB':>8} {'PSS MB':>8}",
+        f"{'mode':<20} {'median s':>9} {'min s':>8} {'max s':>8} {'RSS MB':>8} {'PSS MB':>8} "
+        f"{'CPU s':>7} {'engine cores':>12}",
     ]
     for mode, m in result["modes"].items():
+        busy = m.get("engine_cores_busy")
         lines.append(
             f"{mode:<20} {m['median_s']:>9.2f} {m['min_s']:>8.2f} {m['max_s']:>8.2f} "
-            f"{m['peak_rss_mb']:>8.0f} {m['peak_pss_mb']:>8.0f}"
+            f"{m['peak_rss_mb']:>8.0f} {m['peak_pss_mb']:>8.0f} {m.get('cpu_s', 0):>7.1f} "
+            + (f"{busy:>12.2f}" if busy is not None else f"{'-':>12}")
         )
     parts = {
         m: f["breakdown_median"] for m, f in result["modes"].items() if "breakdown_median" in f

@@ -7,6 +7,7 @@ instance; every figure `compare` prints is checked against the event log it was 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -197,6 +198,11 @@ def test_bench_tiny_runs_every_mode(spark, pair, capsys) -> None:
         assert figures["peak_rss_mb"] > 100  # includes the engine JVM (or the step JVMs)
         # PSS splits pages shared between processes, so the sum can only be smaller.
         assert 0 < figures["peak_pss_mb"] <= figures["peak_rss_mb"]
+        assert figures["cpu_s"] > 0
+    # The shared engine worked during the modes that use it (busy cores averaged over the run).
+    for mode in ("dagster-sequential", "dagster-parallel", "notebook-threads"):
+        assert 0 < data["modes"][mode]["engine_cores_busy"] <= (os.cpu_count() or 1) + 0.5
+    assert data["modes"]["per-process-spark"]["engine_cores_busy"] is None
     assert {t["ratio"] for t in data["targets"]} >= {"dagster-parallel / notebook-threads"}
     # The Dagster modes ran the notebook steps of the real jobs, and no check step.
     bench_runs = [r for r in instance.get_runs() if r.run_id not in before]
