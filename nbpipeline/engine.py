@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 import pyspark
 
 from nbpipeline import settings
-from nbpipeline.errors import EngineError, JarsError
+from nbpipeline.errors import EngineError, EngineGoneError, JarsError
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -465,6 +465,9 @@ def get_spark(
             raise EngineError(
                 "the local engine is not running", hint="start it with `nbpipeline engine start`"
             )
+    # The local engine's pid (None for a remote one) lets a client stop retrying as soon as the
+    # engine process is gone, instead of retrying a dead port for the whole retry budget.
+    pid = None if remote or os.environ.get("NBPIPELINE_SPARK_REMOTE") else status()["pid"]
     cached = _sessions.get(url)
     if cached is not None:
         if _session_alive(cached):
@@ -474,7 +477,7 @@ def get_spark(
         _sessions.pop(url, None)
     try:
         session = SparkSession.builder.remote(url).create()
-        _bound_retries(session)
+        _bound_retries(session, pid)
         session.sql("SELECT 1").collect()
     except Exception as exc:  # grpc errors carry long traces; keep the first line
         raise EngineError(
@@ -529,11 +532,46 @@ RETRY_POLICY = {
 }
 
 
-def _bound_retries(session: SparkSession) -> None:
+def _bound_retries(session: SparkSession, engine_pid: int | None = None) -> None:
     from pyspark.sql.connect.client.retries import DefaultPolicy
 
+    class _EnginePolicy(DefaultPolicy):
+        """pyspark's default (retry UNAVAILABLE and the like), but never for a local engine
+        whose process is gone: no retry can reach it, so fail at once with the real reason."""
+
+        def can_retry(self, e: BaseException) -> bool:
+            if engine_pid is not None and not _pid_alive(engine_pid):
+                return False
+            return super().can_retry(e)
+
     with contextlib.suppress(AttributeError):  # a classic session has no gRPC client
-        session.client.set_retry_policies([DefaultPolicy(**RETRY_POLICY)])
+        session.client.set_retry_policies([_EnginePolicy(**RETRY_POLICY)])
+
+
+def local_engine_pid(remote: str | None = None) -> int | None:
+    """The pid of the running local engine, or None (not running, or a remote engine is used)."""
+    if remote or os.environ.get("NBPIPELINE_SPARK_REMOTE"):
+        return None
+    return status()["pid"]
+
+
+def engine_alive(pid: int) -> bool:
+    """Whether the engine process `pid` still runs."""
+    return _pid_alive(pid)
+
+
+def went_away(pid: int, what: str, error: BaseException) -> EngineGoneError:
+    """The error for a local engine that died under a running notebook: says so in one line,
+    with the client's own first line (e.g. gRPC UNAVAILABLE) as the detail."""
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    config = EngineConfig.from_env()
+    return EngineGoneError(
+        f"{what}: the local engine went away (process {pid} ended; client saw: {detail[:200]})",
+        hint=(
+            "the next run starts it again, or run `nbpipeline engine start`; "
+            f"its log is {config.state_dir / 'server.log'}"
+        ),
+    )
 
 
 def _session_alive(session: SparkSession) -> bool:
