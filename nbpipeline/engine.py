@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import psutil
 import pyspark
 
 from nbpipeline import settings
@@ -275,7 +276,14 @@ def _pid_alive(pid: int) -> bool:
         done, _ = os.waitpid(pid, os.WNOHANG)
         if done == pid:
             return False
-    return True
+    # So does a dead engine whose parent (the process that started it, e.g. a step process or
+    # a test) has not reaped it yet; every other process must see it as gone too.
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return True
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -480,6 +488,8 @@ def get_spark(
         _bound_retries(session, pid)
         session.sql("SELECT 1").collect()
     except Exception as exc:  # grpc errors carry long traces; keep the first line
+        if pid is not None and not _pid_alive(pid):
+            raise went_away(pid, f"connecting to {url}", exc) from None
         raise EngineError(
             f"cannot connect to the Spark engine at {url}: {str(exc).strip().splitlines()[0]}"
         ) from None

@@ -9,6 +9,7 @@ run's event log and the tables' folders and strike at the right moment.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -75,14 +76,25 @@ def fresh_source(rows: int = ROWS) -> tuple[Any, str, str]:
 
 
 def launch(mode: str, source: str, dagster_home: Path, **env: str) -> subprocess.Popen[str]:
-    """`nbpipeline run MODE` in a child process (its own run worker, as a user starts it)."""
+    """`nbpipeline run MODE` in a child process (its own run worker, as a user starts it), in a
+    process group of its own so `stop_group` can end it with its step processes."""
     return subprocess.Popen(
         [sys.executable, "-m", "nbpipeline.cli", "run", mode, "--source", source],
         env={**os.environ, "DAGSTER_HOME": str(dagster_home), **env},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,
     )
+
+
+def stop_group(procs: list[subprocess.Popen[str]]) -> None:
+    """End launched runs still going (a test that failed midway), step processes included."""
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
 
 
 def wait_for(predicate: Any, what: str, timeout_s: float = RUN_TIMEOUT_S, every: float = 0.01):
@@ -187,23 +199,27 @@ def test_sigkill_mid_merge_and_raising_notebook_then_reexecute_from_failure(
     home = Path(instance.root_directory)
     nb_dir = broken_notebooks(tmp_path / "notebooks")
     proc = launch("parallel", source, home, NBPIPELINE_NOTEBOOKS_DIR=str(nb_dir))
-    run_id = wait_for(lambda: only_run(instance), "the run to be created", every=0.2)
-    pid = wait_for(lambda: step_pid(instance, run_id, "Notebook4"), "Notebook4 to start", every=0.1)
+    try:
+        run_id = wait_for(lambda: only_run(instance), "the run to be created", every=0.2)
+        pid = wait_for(
+            lambda: step_pid(instance, run_id, "Notebook4"), "Notebook4 to start", every=0.1
+        )
 
-    def merge_writing() -> bool:
-        # The MERGE has written data files that no commit references yet.
-        new = data_files(facts_dir) - committed
-        return bool(new) and len(list((facts_dir / "_delta_log").glob("*.json"))) == commits
+        def merge_writing() -> bool:
+            # The MERGE has written data files that no commit references yet.
+            new = data_files(facts_dir) - committed
+            return bool(new) and len(list((facts_dir / "_delta_log").glob("*.json"))) == commits
 
-    wait_for(merge_writing, "Notebook4's MERGE to write files")
-    os.kill(pid, signal.SIGKILL)
-    # Before the retried step can get anywhere: nothing half-written, everything readable.
-    assert latest_version(spark, hv) == before[hv]
-    assert spark.table(hv).count() == hv_rows
-    assert latest_version(spark, facts) in (before[facts], before[facts] + 1)
-    spark.table(facts).count()
-
-    stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
+        wait_for(merge_writing, "Notebook4's MERGE to write files")
+        os.kill(pid, signal.SIGKILL)
+        # Before the retried step can get anywhere: nothing half-written, everything readable.
+        assert latest_version(spark, hv) == before[hv]
+        assert spark.table(hv).count() == hv_rows
+        assert latest_version(spark, facts) in (before[facts], before[facts] + 1)
+        spark.table(facts).count()
+        stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
+    finally:
+        stop_group([proc])
     assert proc.returncode == 1, stderr[-3000:]
     assert stdout.strip().splitlines()[-1] == run_id
     run = instance.get_run_by_id(run_id)
@@ -286,18 +302,20 @@ def test_engine_killed_under_a_run_fails_it_clearly_and_the_next_run_restarts_it
     old_pid = json.loads(state_file.read_text())["pid"]
 
     proc = launch("parallel", source, home)
-    run_id = wait_for(lambda: only_run(instance), "the run to be created", every=0.2)
-    # Strike while the notebooks are at work: all four started, none finished yet, or as soon
-    # as the first one finishes (the others are then still running).
-    wait_for(
-        lambda: len(events(instance, run_id, dg.DagsterEventType.STEP_START)) >= 4,
-        "the notebook steps to start",
-        every=0.1,
-    )
-    time.sleep(1.0)
-    os.killpg(old_pid, signal.SIGKILL)
-    killed_at = time.monotonic()
-    stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
+    try:
+        run_id = wait_for(lambda: only_run(instance), "the run to be created", every=0.2)
+        # Strike while the notebooks are at work: all four started, none finished yet.
+        wait_for(
+            lambda: len(events(instance, run_id, dg.DagsterEventType.STEP_START)) >= 4,
+            "the notebook steps to start",
+            every=0.1,
+        )
+        time.sleep(1.0)
+        os.killpg(old_pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
+    finally:
+        stop_group([proc])
     assert proc.returncode == 1, stderr[-3000:]
     error = stderr.strip().splitlines()[-1]
     assert error.startswith("error: step Notebook") and "the local engine went away" in error
@@ -308,7 +326,8 @@ def test_engine_killed_under_a_run_fails_it_clearly_and_the_next_run_restarts_it
     }
     assert failures, "no step failed"
     for step, text in failures.items():
-        assert f"{step}: the local engine went away (process {old_pid} ended" in text, text
+        assert text.startswith(f"{step}: "), text
+        assert f"the local engine went away (process {old_pid} ended" in text, text
         assert "\n" not in text
     # Not retried: a killed engine is reported, not restarted behind the user's back.
     assert not events(instance, run_id, dg.DagsterEventType.STEP_UP_FOR_RETRY)
@@ -317,7 +336,10 @@ def test_engine_killed_under_a_run_fails_it_clearly_and_the_next_run_restarts_it
     # The next run starts the engine again and succeeds.
     started = time.monotonic()
     proc = launch("parallel", source, home)
-    stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
+    try:
+        stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
+    finally:
+        stop_group([proc])
     assert proc.returncode == 0, stderr[-3000:]
     new_pid = json.loads(state_file.read_text())["pid"]
     assert new_pid != old_pid and engine.engine_alive(new_pid)

@@ -23,7 +23,7 @@ from nbpipeline.instance import WORKSPACE_YAML
 from nbpipeline.schedules import PARALLEL_CRON_ENV, SOURCE_TABLE_ENV, TIMEZONE_ENV
 from nbpipeline.settings import PROJECT_ROOT
 from nbpipeline.tables import OUTPUT_TABLES
-from nbpipeline_tests.test_faults import assert_matches_contract, launch, wait_for
+from nbpipeline_tests.test_faults import assert_matches_contract, launch, stop_group, wait_for
 from nbpipeline_tests.test_jobs import step_windows
 
 pytestmark = [pytest.mark.spark, pytest.mark.dagster, pytest.mark.slow]
@@ -93,7 +93,10 @@ def test_five_pairs_and_a_scheduled_tick_overlap_safely(spark, schema, instance)
         procs = [
             launch(mode, source, home) for _ in range(PAIRS) for mode in ("sequential", "parallel")
         ]
-        outputs = [p.communicate(timeout=1200) for p in procs]
+        try:
+            outputs = [p.communicate(timeout=1200) for p in procs]
+        finally:
+            stop_group(procs)
         manual_wall = time.monotonic() - t0
 
         def scheduled_done() -> dg.DagsterRun | None:
