@@ -36,6 +36,7 @@ from nbpipeline_tests.conftest_databricks import (
     databricks_env,  # noqa: F401 - fixture
     loopback,  # noqa: F401 - fixture
 )
+from nbpipeline_tests.test_faults import launch, stop_group
 
 pytestmark = [pytest.mark.dagster, pytest.mark.ui]
 
@@ -140,24 +141,20 @@ def test_canary_token_never_shows_in_a_run_its_storage_or_the_ui(
         loopback.set_output(notebook, exit_value(notebook))
     home = Path(instance.root_directory)
     env = {
-        **os.environ,
-        "DAGSTER_HOME": str(home),
         "NBPIPELINE_BACKEND": "databricks",
         "DATABRICKS_TOKEN": canary,
         "DATABRICKS_CLUSTER_ID": "0101-010101-loopback",
     }
-    proc = subprocess.run(
-        [sys.executable, "-m", "nbpipeline.cli", "run", "parallel", "--source", "main.s.orders"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run_id = proc.stdout.strip().splitlines()[-1]
+    proc = launch("parallel", "main.s.orders", home, **env)
+    try:
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        stop_group([proc])
+    assert proc.returncode == 0, stderr[-3000:]
+    run_id = stdout.strip().splitlines()[-1]
     # The token was really used: the loopback saw it in the auth header.
     assert any(r.authorization == f"Bearer {canary}" for r in loopback.requests)
-    assert canary not in proc.stdout and canary not in proc.stderr
+    assert canary not in stdout and canary not in stderr
 
     run = instance.get_run_by_id(run_id)
     assert run is not None and run.status == dg.DagsterRunStatus.SUCCESS
@@ -184,7 +181,7 @@ def test_canary_token_never_shows_in_a_run_its_storage_or_the_ui(
             str(port),
         ],
         cwd=PROJECT_ROOT,
-        env=env,
+        env={**os.environ, "DAGSTER_HOME": str(home), **env},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
