@@ -103,7 +103,7 @@ def graphql(port: int, query: str, variables: dict[str, Any]) -> str:
         return response.read().decode()
 
 
-def wait_listening(pid: int, port: int, timeout_s: float = 240) -> list[str]:
+def wait_listening(pid: int, port: int, timeout_s: float = 600) -> list[str]:
     """The addresses the process tree of `pid` listens on at `port`, once it listens."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
