@@ -20,6 +20,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -570,13 +571,25 @@ def engine_alive(pid: int) -> bool:
     return _pid_alive(pid)
 
 
+def grpc_summary(error: BaseException) -> str:
+    """`UNAVAILABLE: failed to connect ...` from a gRPC error's text, whose first line only
+    says `<_MultiThreadedRendezvous of RPC that terminated with:`; else the first line."""
+    text = str(error)
+    status = re.search(r"status = StatusCode\.(\w+)", text)
+    details = re.search(r'details = "([^"]*)"', text)
+    if status:
+        return status.group(1) + (f": {details.group(1)}" if details else "")
+    lines = text.strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 def went_away(pid: int, what: str, error: BaseException) -> EngineGoneError:
     """The error for a local engine that died under a running notebook: says so in one line,
     with the client's own first line (e.g. gRPC UNAVAILABLE) as the detail."""
-    detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     config = EngineConfig.from_env()
     return EngineGoneError(
-        f"{what}: the local engine went away (process {pid} ended; client saw: {detail[:200]})",
+        f"{what}: the local engine went away (process {pid} ended; client saw: "
+        f"{grpc_summary(error)[:200]})",
         hint=(
             "the next run starts it again, or run `nbpipeline engine start`; "
             f"its log is {config.state_dir / 'server.log'}"

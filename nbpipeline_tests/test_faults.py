@@ -27,7 +27,7 @@ import dagster as dg
 import pytest
 
 from nbpipeline import definitions, engine, seed, settings
-from nbpipeline.assets import ALL_ASSETS, RETRY_POLICY, op_config
+from nbpipeline.assets import ALL_ASSETS, RETRY_POLICY, is_transient, op_config
 from nbpipeline.runtime import run_notebook
 from nbpipeline_tests import contract_oracle as oracle
 from nbpipeline_tests.conftest import _free_port
@@ -387,3 +387,19 @@ def test_transient_failures_are_retried_a_bounded_number_of_times_with_the_reaso
     assert "attempt 1 (retrying): cannot connect to the Spark engine" in lines[0]
     assert "UNAVAILABLE" in lines[0]
     assert "attempt 4 (no retries left)" in lines[-1]
+
+
+def test_engine_gone_message_keeps_the_grpc_status_not_the_wrapper() -> None:
+    raw = (
+        "notebooks/Notebook1.py, cell 4: SparkConnectGrpcException: <_MultiThreadedRendezvous of "
+        'RPC that terminated with:\n\tstatus = StatusCode.UNAVAILABLE\n\tdetails = "failed to '
+        'connect to all addresses; last error: Connection refused"\n\tdebug_error_string = "x"\n>'
+    )
+    error = engine.went_away(4242, "Notebook1", RuntimeError(raw))
+    assert not is_transient(error)
+    assert str(error).startswith(
+        "Notebook1: the local engine went away (process 4242 ended; client saw: UNAVAILABLE: "
+        "failed to connect to all addresses; last error: Connection refused) (hint: the next "
+        "run starts it again"
+    )
+    assert "\n" not in str(error)
