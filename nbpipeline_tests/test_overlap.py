@@ -69,7 +69,7 @@ def test_five_pairs_and_a_scheduled_tick_overlap_safely(spark, schema, instance)
 
     # A real tick: the daemon evaluates the schedule at a whole minute (a cron for that one
     # minute, so it fires once) and launches the run through the instance's run queue.
-    tick = _next_minute(at_least_s=45)
+    tick = _next_minute(at_least_s=90)
     env = {
         **os.environ,
         "DAGSTER_HOME": str(home),
