@@ -23,7 +23,14 @@ from pydantic import Field
 
 from nbpipeline import settings
 from nbpipeline.backends.base import NOTEBOOK_NAMES, NotebookBackend, NotebookRun
-from nbpipeline.errors import ConfigError, EngineError, JarsError, NbPipelineError, NotebookError
+from nbpipeline.errors import (
+    ConfigError,
+    EngineError,
+    EngineGoneError,
+    JarsError,
+    NbPipelineError,
+    NotebookError,
+)
 from nbpipeline.identifiers import parse_schema, parse_table
 from nbpipeline.metadata import ROW_COUNT_KEY, TABLE_KEY, URI_KEY, table_metadata
 from nbpipeline.resources import spark_session
@@ -229,6 +236,10 @@ def is_transient(exc: BaseException) -> bool:
     """Whether a failed notebook step may succeed if simply tried again."""
     if isinstance(exc, JarsError):
         return False  # missing Delta JARs stay missing
+    if isinstance(exc, EngineGoneError):
+        # The engine process died (killed, out of memory, `engine stop`): fail the run saying so
+        # rather than quietly start a new engine mid-run; the next run starts it again.
+        return False
     if isinstance(exc, EngineError):
         return True
     if isinstance(exc, NotebookError):
@@ -240,7 +251,7 @@ def is_transient(exc: BaseException) -> bool:
     return not isinstance(exc, NbPipelineError)
 
 
-def _failure(notebook: str, exc: NbPipelineError) -> dg.Failure:
+def _failure(notebook: str, exc: Exception) -> dg.Failure:
     """A one-line, non-retried step failure carrying the details as metadata."""
     text = str(exc)
     metadata: dict[str, Any] = {"notebook": notebook, "error": text}
@@ -310,10 +321,19 @@ def execute_notebook_step(
         run = backend.run_notebook(
             notebook, params, timeout_seconds=config.timeout_seconds, log=context.log
         )
-    except NbPipelineError as exc:
-        if is_transient(exc):
-            raise
-        raise _failure(notebook, exc) from None
+    except Exception as exc:
+        if not is_transient(exc):
+            raise _failure(notebook, exc) from None
+        # Dagster's retry event carries the full error; this line says why, in one line, in the
+        # run's log and `nbpipeline run`'s progress.
+        attempt = context.retry_number + 1
+        left = RETRY_POLICY.max_retries - context.retry_number
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        context.log.warning(
+            f"{notebook}: transient failure on attempt {attempt} "
+            f"({'retrying' if left > 0 else 'no retries left'}): {detail[:300]}"
+        )
+        raise
     _tag_source_version(context, run)
     by_asset = {str(t.get("asset")): t for t in run.tables}
     for name in notebook_tables(notebook):

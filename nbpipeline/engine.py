@@ -33,10 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import psutil
 import pyspark
 
 from nbpipeline import settings
-from nbpipeline.errors import EngineError, JarsError
+from nbpipeline.errors import EngineError, EngineGoneError, JarsError
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -298,7 +299,14 @@ def _pid_alive(pid: int) -> bool:
         done, _ = os.waitpid(pid, os.WNOHANG)
         if done == pid:
             return False
-    return True
+    # So does a dead engine whose parent (the process that started it, e.g. a step process or
+    # a test) has not reaped it yet; every other process must see it as gone too.
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return True
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -502,6 +510,9 @@ def get_spark(
             raise EngineError(
                 "the local engine is not running", hint="start it with `nbpipeline engine start`"
             )
+    # The local engine's pid (None for a remote one) lets a client stop retrying as soon as the
+    # engine process is gone, instead of retrying a dead port for the whole retry budget.
+    pid = None if remote or os.environ.get("NBPIPELINE_SPARK_REMOTE") else status()["pid"]
     cached = _sessions.get(url)
     if cached is not None:
         if _session_alive(cached):
@@ -511,9 +522,11 @@ def get_spark(
         _sessions.pop(url, None)
     try:
         session = SparkSession.builder.remote(url).create()
-        _bound_retries(session)
+        _bound_retries(session, pid)
         session.sql("SELECT 1").collect()
     except Exception as exc:  # grpc errors carry long traces; keep the first line
+        if pid is not None and not _pid_alive(pid):
+            raise went_away(pid, f"connecting to {url}", exc) from None
         raise EngineError(
             f"cannot connect to the Spark engine at {url}: {str(exc).strip().splitlines()[0]}"
         ) from None
@@ -566,11 +579,58 @@ RETRY_POLICY = {
 }
 
 
-def _bound_retries(session: SparkSession) -> None:
+def _bound_retries(session: SparkSession, engine_pid: int | None = None) -> None:
     from pyspark.sql.connect.client.retries import DefaultPolicy
 
+    class _EnginePolicy(DefaultPolicy):
+        """pyspark's default (retry UNAVAILABLE and the like), but never for a local engine
+        whose process is gone: no retry can reach it, so fail at once with the real reason."""
+
+        def can_retry(self, e: BaseException) -> bool:
+            if engine_pid is not None and not _pid_alive(engine_pid):
+                return False
+            return super().can_retry(e)
+
     with contextlib.suppress(AttributeError):  # a classic session has no gRPC client
-        session.client.set_retry_policies([DefaultPolicy(**RETRY_POLICY)])
+        session.client.set_retry_policies([_EnginePolicy(**RETRY_POLICY)])
+
+
+def local_engine_pid(remote: str | None = None) -> int | None:
+    """The pid of the running local engine, or None (not running, or a remote engine is used)."""
+    if remote or os.environ.get("NBPIPELINE_SPARK_REMOTE"):
+        return None
+    return status()["pid"]
+
+
+def engine_alive(pid: int) -> bool:
+    """Whether the engine process `pid` still runs."""
+    return _pid_alive(pid)
+
+
+def grpc_summary(error: BaseException) -> str:
+    """`UNAVAILABLE: failed to connect ...` from a gRPC error's text, whose first line only
+    says `<_MultiThreadedRendezvous of RPC that terminated with:`; else the first line."""
+    text = str(error)
+    status = re.search(r"status = StatusCode\.(\w+)", text)
+    details = re.search(r'details = "([^"]*)"', text)
+    if status:
+        return status.group(1) + (f": {details.group(1)}" if details else "")
+    lines = text.strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def went_away(pid: int, what: str, error: BaseException) -> EngineGoneError:
+    """The error for a local engine that died under a running notebook: says so in one line,
+    with the client's own first line (e.g. gRPC UNAVAILABLE) as the detail."""
+    config = EngineConfig.from_env()
+    return EngineGoneError(
+        f"{what}: the local engine went away (process {pid} ended; client saw: "
+        f"{grpc_summary(error)[:200]})",
+        hint=(
+            "the next run starts it again, or run `nbpipeline engine start`; "
+            f"its log is {config.state_dir / 'server.log'}"
+        ),
+    )
 
 
 def _session_alive(session: SparkSession) -> bool:

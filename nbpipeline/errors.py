@@ -27,6 +27,14 @@ class EngineError(NbPipelineError):
     """The Spark engine cannot be started, reached, or has gone away."""
 
 
+class EngineGoneError(EngineError):
+    """The local engine process died while a notebook was using it (killed, OOM, stopped).
+
+    Not retried within the run: whoever stopped the engine should see it, and the next run
+    starts it again.
+    """
+
+
 class JarsError(EngineError):
     """The Delta Lake JARs are missing and cannot be resolved."""
 

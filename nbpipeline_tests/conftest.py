@@ -60,3 +60,21 @@ def schema(spark, request: pytest.FixtureRequest) -> str:
     name = "".join(c if c.isalnum() or c == "_" else "_" for c in name)
     spark.sql(f"CREATE SCHEMA {name}")
     return name
+
+
+@pytest.fixture
+def instance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A persistent Dagster instance in a fresh DAGSTER_HOME holding the project's dagster.yaml
+    (per-table pools of limit 1), as `nbpipeline run` and the UI use."""
+    import shutil
+
+    import dagster as dg
+
+    from nbpipeline.instance import PROJECT_DAGSTER_YAML
+
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copyfile(PROJECT_DAGSTER_YAML, home / "dagster.yaml")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    with dg.DagsterInstance.get() as inst:
+        yield inst

@@ -8,7 +8,6 @@ printed (`pytest -s`) so the figures can be compared across machines.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -21,24 +20,12 @@ import pytest
 from nbpipeline import definitions
 from nbpipeline.assets import SOURCE_VERSION_TAG, op_config
 from nbpipeline.checks import VALID_ROW_SQL
-from nbpipeline.instance import PROJECT_DAGSTER_YAML
 from nbpipeline.tables import OUTPUT_KEYS, OUTPUT_TABLES
 
 pytestmark = [pytest.mark.spark, pytest.mark.dagster]
 
 ROWS = 2000
 NOTEBOOKS = ("Notebook1", "Notebook2", "Notebook3", "Notebook4")
-
-
-@pytest.fixture
-def instance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """A persistent instance in a fresh DAGSTER_HOME holding the project's dagster.yaml."""
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copyfile(PROJECT_DAGSTER_YAML, home / "dagster.yaml")
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
-    with dg.DagsterInstance.get() as inst:
-        yield inst
 
 
 @pytest.fixture

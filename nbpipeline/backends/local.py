@@ -69,7 +69,15 @@ class LocalNotebookBackend(NotebookBackend):
         path = self.notebook_path(notebook)
         started = time.time()
         spark = engine.get_spark(self.spark_remote, progress=log.info if log else None)
-        return run_on_session(self, notebook, path, spark, parameters, timeout_seconds, started)
+        pid = engine.local_engine_pid(self.spark_remote)
+        try:
+            return run_on_session(self, notebook, path, spark, parameters, timeout_seconds, started)
+        except Exception as exc:
+            # A dead engine surfaces as whatever gRPC error the running cell got; say what
+            # actually happened instead.
+            if pid is not None and not engine.engine_alive(pid):
+                raise engine.went_away(pid, notebook, exc) from None
+            raise
 
 
 def run_on_session(

@@ -1,0 +1,181 @@
+"""`python -m nbpipeline.loadtest`: both jobs under load, with the figures to judge them.
+
+Two phases, on the Dagster instance `nbpipeline run` uses and the engine of NBPIPELINE_HOME:
+
+1. **Volume** (`--rows N`, e.g. 20,000,000): seed `SCHEMA.orders_load` with N orders, then run
+   the sequential and the parallel job once each. Per run: wall seconds, peak memory (the summed
+   resident set of this process tree, the step processes and the engine JVM, sampled every
+   0.5 s), success, failed asset checks, and error lines the engine logged meanwhile (e.g.
+   out-of-memory or spill failures).
+2. **Series** (`--runs K`, e.g. 20): seed `SCHEMA.orders` with `--series-rows` dirty orders, then
+   K runs alternating sequential / parallel, each after a change batch on the source
+   (`--changes` of the orders change, half as many are added). Every run must succeed and its
+   asset checks (unique keys, no negative revenue, order_facts matching the valid source rows,
+   high_value_orders within order_facts) must pass.
+
+Prints a table (or `--json`) and exits 1 if any run failed or any check failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from nbpipeline import engine
+from nbpipeline.errors import ConfigError, NbPipelineError
+
+LOADTEST_TAG = "nbpipeline/loadtest"
+_ENGINE_TROUBLE = ("OutOfMemoryError", "SparkOutOfMemoryError", "No space left", "ERROR")
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)  # noqa: T201 - CLI output
+
+
+def _engine_errors(log: Path, offset: int) -> list[str]:
+    """Lines at or after byte `offset` of the engine log that report trouble."""
+    try:
+        with open(log, "rb") as fh:
+            fh.seek(offset)
+            text = fh.read().decode(errors="replace")
+    except OSError:
+        return []
+    return [ln[:300] for ln in text.splitlines() if any(m in ln for m in _ENGINE_TROUBLE)]
+
+
+def measured_run(mode: str, source: str, phase: str) -> dict[str, Any]:
+    """Run the job of `mode` on `source`; its outcome, wall time and peak memory."""
+    from nbpipeline.bench import MemorySampler
+    from nbpipeline.cli_pipeline import build_run_config, run_job
+
+    state = engine.status()
+    log = Path(state["log"])
+    offset = log.stat().st_size if log.exists() else 0
+    extra = [state["pid"]] if state["pid"] else []
+    run_config = build_run_config(mode, source=source)
+    run_config["loggers"] = {"console": {"config": {"log_level": "CRITICAL"}}}
+    with MemorySampler(extra, interval_s=0.5) as mem:
+        started = time.perf_counter()
+        result = run_job(mode, run_config, tags={LOADTEST_TAG: phase}, out=lambda _m: None)
+        wall = time.perf_counter() - started
+    return {
+        "phase": phase,
+        "mode": mode,
+        "run_id": result["run_id"],
+        "success": bool(result["success"]),
+        "error": result["error"],
+        "failed_checks": result["failed_checks"],
+        "wall_s": round(wall, 2),
+        "peak_rss_mb": round(mem.peak_bytes / 2**20, 1),
+        "engine_errors": _engine_errors(log, offset),
+    }
+
+
+def loadtest(
+    *,
+    rows: int,
+    runs: int,
+    series_rows: int,
+    changes: float,
+    schema: str,
+    seed: int = 42,
+    progress: Callable[[str], None] = _progress,
+) -> dict[str, Any]:
+    """Run both phases (a phase with 0 rows / 0 runs is skipped); return every run's figures."""
+    from nbpipeline import seed as seeding
+    from nbpipeline.identifiers import parse_schema
+
+    parse_schema(schema, what="--schema")
+    if rows < 0 or runs < 0 or series_rows < 200:
+        raise ConfigError("loadtest needs --rows >= 0, --runs >= 0 and --series-rows >= 200")
+    if not 0 < changes <= 1:
+        raise ConfigError(f"invalid --changes {changes}: expected a fraction in (0, 1]")
+    spark = engine.get_spark(progress=progress)
+    out: dict[str, Any] = {"rows": rows, "series_rows": series_rows, "runs": []}
+
+    if rows:
+        source = f"{schema}.orders_load"
+        seeded = seeding.seed_orders(spark, source, rows=rows, seed=seed, progress=progress)
+        out["seed_s"] = seeded["seconds"]
+        for mode in ("sequential", "parallel"):
+            progress(f"Volume: {mode} job on {rows:,} rows ...")
+            run = measured_run(mode, source, "volume")
+            progress(_line(run))
+            out["runs"].append(run)
+
+    if runs:
+        source = f"{schema}.orders"
+        seeding.seed_orders(spark, source, rows=series_rows, seed=seed, dirty=True)
+        for number in range(runs):
+            mode = ("sequential", "parallel")[number % 2]
+            batch = seeding.apply_changes(spark, source, fraction=changes, seed=number + 1)
+            progress(
+                f"Series {number + 1}/{runs}: change batch ({batch['updated']} updated, "
+                f"{batch['inserted']} new), then the {mode} job ..."
+            )
+            run = measured_run(mode, source, "series")
+            progress(_line(run))
+            out["runs"].append(run)
+
+    out["ok"] = all(r["success"] and not r["failed_checks"] for r in out["runs"])
+    out["peak_rss_mb"] = max((r["peak_rss_mb"] for r in out["runs"]), default=0.0)
+    return out
+
+
+def _line(run: dict[str, Any]) -> str:
+    verdict = "ok" if run["success"] and not run["failed_checks"] else "FAILED"
+    return (
+        f"  {run['phase']:<7} {run['mode']:<10} {verdict:<6} {run['wall_s']:>8.1f}s "
+        f"{run['peak_rss_mb']:>8.0f} MB  engine errors: {len(run['engine_errors'])}"
+        + (f"  {run['error']}" if run["error"] else "")
+        + (f"  checks failed: {', '.join(run['failed_checks'])}" if run["failed_checks"] else "")
+    )
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The figures as plain text, one line per run."""
+    lines = [
+        f"volume rows {result['rows']:,}, series rows {result['series_rows']:,}, "
+        f"{len(result['runs'])} runs, peak {result['peak_rss_mb']:.0f} MB",
+        f"  {'phase':<7} {'mode':<10} {'result':<6} {'wall':>9} {'peak':>11}",
+    ]
+    lines += [_line(r) for r in result["runs"]]
+    lines.append("all runs succeeded, all checks passed" if result["ok"] else "FAILURES above")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m nbpipeline.loadtest`."""
+    parser = argparse.ArgumentParser(prog="python -m nbpipeline.loadtest", description=__doc__)
+    parser.add_argument("--rows", type=int, default=20_000_000, help="volume phase rows (0: skip)")
+    parser.add_argument("--runs", type=int, default=20, help="series phase runs (0: skip)")
+    parser.add_argument("--series-rows", type=int, default=100_000, help="series source rows")
+    parser.add_argument("--changes", type=float, default=0.02, help="change batch fraction")
+    parser.add_argument("--schema", default="loadtest", help="schema for the sources and outputs")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args(argv)
+    try:
+        from nbpipeline.instance import get_instance
+
+        get_instance(_progress).dispose()  # DAGSTER_HOME and pools ready before any run
+        result = loadtest(
+            rows=args.rows,
+            runs=args.runs,
+            series_rows=args.series_rows,
+            changes=args.changes,
+            schema=args.schema,
+        )
+    except NbPipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)  # noqa: T201 - CLI output
+        return 2
+    print(json.dumps(result, indent=1) if args.json else format_table(result))  # noqa: T201
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

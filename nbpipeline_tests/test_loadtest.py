@@ -1,0 +1,56 @@
+"""A small run of `python -m nbpipeline.loadtest`: the script behind the 20M-row and 20-runs
+figures works end to end and its figures are real (runs on the instance, memory incl. the JVM).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import dagster as dg
+import psutil
+import pytest
+
+from nbpipeline import engine
+from nbpipeline.loadtest import LOADTEST_TAG
+
+pytestmark = [pytest.mark.spark, pytest.mark.dagster, pytest.mark.slow]
+
+
+def test_loadtest_smoke(spark, schema: str, instance: dg.DagsterInstance) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nbpipeline.loadtest",
+            *("--rows", "300", "--runs", "1", "--series-rows", "300"),
+            *("--changes", "0.1", "--schema", schema, "--json"),
+        ],
+        env={**os.environ, "DAGSTER_HOME": instance.root_directory},
+        capture_output=True,
+        text=True,
+        timeout=1800,  # minutes on a busy shared machine; ~3 tiny runs otherwise
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert result["ok"] and result["rows"] == 300
+    runs = result["runs"]
+    assert [(r["phase"], r["mode"]) for r in runs] == [
+        ("volume", "sequential"),
+        ("volume", "parallel"),
+        ("series", "sequential"),
+    ]
+    jvm_mb = psutil.Process(engine.status()["pid"]).memory_info().rss / 2**20
+    for run in runs:
+        assert run["success"] and not run["failed_checks"] and run["wall_s"] > 0
+        # The engine JVM is counted: the peak is at least most of its resident size.
+        assert run["peak_rss_mb"] > 0.5 * jvm_mb
+        stored = instance.get_run_by_id(run["run_id"])
+        assert stored.status == dg.DagsterRunStatus.SUCCESS
+        assert stored.tags[LOADTEST_TAG] == run["phase"]
+    assert result["peak_rss_mb"] == max(r["peak_rss_mb"] for r in runs)
+    # The series run read the source after its change batch: 300 orders + 15 new ones.
+    assert spark.table(f"{schema}.orders").count() == 315
+    assert spark.table(f"{schema}.orders_load").count() == 300
