@@ -140,14 +140,7 @@ def resolve_jars(progress: Progress | None = None) -> list[Path]:
     with tempfile.TemporaryDirectory() as tmp:
         noop = Path(tmp) / "noop.py"
         noop.write_text("")
-        env = {
-            **os.environ,
-            "SPARK_HOME": str(spark_home()),
-            "PYSPARK_PYTHON": sys.executable,
-            # glibc gives each thread that mallocs its own arena; the server's many gRPC and task
-            # threads then hold hundreds of MB outside the heap. Two arenas are plenty here.
-            "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2"),
-        }
+        env = {**os.environ, "SPARK_HOME": str(spark_home()), "PYSPARK_PYTHON": sys.executable}
         try:
             proc = subprocess.run(
                 [
