@@ -52,6 +52,10 @@ EXERCISED_BY: dict[str, list[str]] = {
         "test_cli_pipeline.py::test_failed_run_exits_1_with_the_step_error",
         "test_cli_pipeline.py::test_bad_input_exits_2",
     ],
+    "nbpipeline bench --rows 2000000 --repeat 3": [
+        # The same command on a tiny source, every mode, one round (2M rows is a benchmark).
+        "test_comparison.py::test_bench_tiny_runs_every_mode"
+    ],
     "nbpipeline compare [--json] [--plot timeline.png]": [
         "test_comparison.py::test_compare_matches_the_event_log"
     ],
