@@ -323,6 +323,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         max_concurrent=args.max_concurrent,
         timeout_seconds=args.timeout,
     )
+    # Load (and so validate) the definitions first: bad settings (schedule, backend) are refused
+    # before anything is written, the first-run seeding included.
+    from nbpipeline import definitions  # noqa: F401
+
     _seed_default_source_if_missing(run_config)
     if not args.dagster_log:
         # The progress lines below say what happened; Dagster's console logger would repeat
