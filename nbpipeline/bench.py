@@ -112,10 +112,14 @@ class MemorySampler(threading.Thread):
         self.peak_pss_bytes = max(self.peak_pss_bytes, pss)
 
     def _tree_memory(self) -> tuple[int, int]:
-        roots = [psutil.Process()]
+        # The extra trees first: the engine JVM may also be a child of this process (when this
+        # process started it), and each process is counted once, under the first root it is
+        # found in, which decides whether its CPU counts as the engine's.
+        roots = []
         for pid in self.extra_pids:
             with contextlib.suppress(psutil.Error):
                 roots.append(psutil.Process(pid))
+        roots.append(psutil.Process())
         seen: set[int] = set()
         rss = pss = 0
         engine_root = self.extra_pids[0] if self.extra_pids else None

@@ -172,8 +172,9 @@ def test_engine_commands(spark, tmp_path: Path) -> None:
 
 def test_engine_start_says_so_and_a_failure_names_the_next_step(tmp_path: Path) -> None:
     """The first command needing the engine starts it and says so; if the JVM cannot start,
-    the error names the log and the hint the command to retry (driver memory 'none' makes the
-    JVM exit at once, so no engine is left behind)."""
+    the error names the log and the hint the command to retry (a heap of 999999g passes the
+    setting's check, but the JVM cannot reserve it and exits at once, so no engine is left
+    behind)."""
     import socket
 
     with socket.socket() as s:
@@ -183,7 +184,7 @@ def test_engine_start_says_so_and_a_failure_names_the_next_step(tmp_path: Path) 
         **os.environ,
         "NBPIPELINE_HOME": str(tmp_path / "home"),
         "NBPIPELINE_ENGINE_PORT": str(port),
-        "NBPIPELINE_ENGINE_MEMORY": "none",
+        "NBPIPELINE_ENGINE_MEMORY": "999999g",
     }
     proc = _cli("tables", env=env, timeout=300)
     assert proc.returncode == 2, proc.stderr
