@@ -26,7 +26,7 @@ from typing import Any
 import dagster as dg
 import pytest
 
-from nbpipeline import definitions, engine, seed, settings
+from nbpipeline import engine, seed, settings
 from nbpipeline.assets import ALL_ASSETS, RETRY_POLICY, is_transient, op_config
 from nbpipeline.runtime import run_notebook
 from nbpipeline_tests import contract_oracle as oracle
@@ -266,17 +266,33 @@ def test_sigkill_mid_merge_and_raising_notebook_then_reexecute_from_failure(
         ("daily_sales", "product_performance", "order_facts", "high_value_orders"),
     )
 
-    # Fix the bug (the real notebooks again) and re-execute from failure.
-    with dg.execute_job(
-        dg.reconstructable(definitions.parallel_notebooks_job),
-        instance=instance,
-        reexecution_options=dg.ReexecutionOptions.from_failure(run_id, instance),
-    ) as result:
-        assert result.success, [failure_text(e) for e in result.get_step_failure_events()]
-        rerun_steps = {e.step_key for e in result.all_events if e.event_type_value == "STEP_START"}
-        rerun_mats = {
-            e.asset_key.to_user_string() for e in result.get_asset_materialization_events()
-        }
+    # Fix the bug (the real notebooks again) and re-execute from failure. In a fresh process, as
+    # a user would: step processes fork from a server that keeps the environment of whoever
+    # started it first in this pytest process (another test's engine, maybe).
+    script = (
+        "import sys, dagster as dg\n"
+        "from nbpipeline import definitions\n"
+        "instance = dg.DagsterInstance.get()\n"
+        "with dg.execute_job(dg.reconstructable(definitions.parallel_notebooks_job), "
+        "instance=instance, reexecution_options=dg.ReexecutionOptions.from_failure("
+        f"{run_id!r}, instance)) as result:\n"
+        "    print(result.run_id)\n"
+        "    sys.exit(0 if result.success else 1)\n"
+    )
+    rerun = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, "DAGSTER_HOME": str(home)},
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    rerun_id = rerun.stdout.strip().splitlines()[-1]
+    rerun_steps = {e.step_key for e in events(instance, rerun_id, dg.DagsterEventType.STEP_START)}
+    rerun_mats = {
+        e.event_specific_data.materialization.asset_key.to_user_string()
+        for e in events(instance, rerun_id, dg.DagsterEventType.ASSET_MATERIALIZATION)
+    }
     assert "Notebook2" in rerun_steps
     assert not {"Notebook1", "Notebook3", "Notebook4"} & rerun_steps
     assert rerun_mats == {"customer_summary"}
