@@ -258,19 +258,9 @@ class ProgressPrinter(threading.Thread):
 
 def first_run_rows() -> int:
     """Rows to seed when the default source is missing (NBPIPELINE_FIRST_RUN_ROWS, else 100,000)."""
-    raw = os.environ.get(FIRST_RUN_ROWS_ENV, "").strip()
-    if not raw:
-        return FIRST_RUN_ROWS
-    try:
-        rows = int(raw)
-    except ValueError:
-        rows = 0
-    if rows < 1:
-        raise ConfigError(
-            f"{FIRST_RUN_ROWS_ENV}={raw!r} is not a positive number of rows",
-            hint=f"unset it for the default ({FIRST_RUN_ROWS:,})",
-        )
-    return rows
+    from nbpipeline.settings import positive_int_env
+
+    return positive_int_env(FIRST_RUN_ROWS_ENV, FIRST_RUN_ROWS, what="number of rows")
 
 
 def ensure_source(

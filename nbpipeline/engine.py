@@ -505,7 +505,7 @@ def get_spark(
             )
     # The local engine's pid (None for a remote one) lets a client stop retrying as soon as the
     # engine process is gone, instead of retrying a dead port for the whole retry budget.
-    pid = None if remote or os.environ.get("NBPIPELINE_SPARK_REMOTE") else status()["pid"]
+    pid = local_engine_pid(remote)
     cached = _sessions.get(url)
     if cached is not None:
         if _session_alive(cached):

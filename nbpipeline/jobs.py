@@ -10,14 +10,13 @@ JVM, reached by every step process through the backend) and would otherwise be c
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import dagster as dg
 
 from nbpipeline.assets import MODE_TAG, OUTPUT_ASSET_KEYS
 from nbpipeline.backends.base import NOTEBOOK_NAMES
-from nbpipeline.errors import ConfigError
+from nbpipeline.settings import positive_int_env
 
 SEQUENTIAL_JOB = "sequential_notebooks"
 PARALLEL_JOB = "parallel_notebooks"
@@ -38,19 +37,7 @@ OUTPUT_SELECTION = dg.AssetSelection.assets(*OUTPUT_ASSET_KEYS)
 
 def max_concurrent_default() -> int:
     """The parallel job's default `max_concurrent`: NBPIPELINE_MAX_CONCURRENT or 4."""
-    raw = os.environ.get(MAX_CONCURRENT_ENV, "").strip()
-    if not raw:
-        return DEFAULT_MAX_CONCURRENT
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise ConfigError(
-            f"{MAX_CONCURRENT_ENV}={raw!r} is not a positive integer",
-            hint=f"unset it for the default ({DEFAULT_MAX_CONCURRENT}, one per notebook step)",
-        )
-    return value
+    return positive_int_env(MAX_CONCURRENT_ENV, DEFAULT_MAX_CONCURRENT)
 
 
 def parallel_execution_config(max_concurrent: int | None = None) -> dict[str, Any]:

@@ -14,6 +14,28 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SOURCE_TABLE = "nbpipeline.orders"
 
 
+def positive_int_env(name: str, default: int, *, what: str = "integer") -> int:
+    """An environment setting that must be a positive integer; unset or empty: `default`.
+
+    A bad value is a ConfigError naming the variable and the default to fall back to.
+    """
+    from nbpipeline.errors import ConfigError
+
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError(
+            f"{name}={raw!r} is not a positive {what}",
+            hint=f"unset it for the default ({default:,})",
+        )
+    return value
+
+
 def home() -> Path:
     """The nbpipeline home folder (created on first use), always absolute."""
     raw = os.environ.get("NBPIPELINE_HOME")
