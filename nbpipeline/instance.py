@@ -94,8 +94,22 @@ def ensure_pools(instance: dg.DagsterInstance) -> None:
 def get_instance(progress: Callable[[str], None] | None = None) -> dg.DagsterInstance:
     """The persistent Dagster instance in the (ensured) DAGSTER_HOME, its pools created."""
     import dagster as dg
+    from dagster._core.storage.event_log import SqliteEventLogStorage
 
-    ensure_dagster_home(progress)
+    from nbpipeline.instance_storage import PoolSafeSqliteEventLogStorage
+
+    path = ensure_dagster_home(progress)
     instance = dg.DagsterInstance.get()
+    storage = instance.event_log_storage
+    if (
+        progress
+        and isinstance(storage, SqliteEventLogStorage)
+        and not isinstance(storage, PoolSafeSqliteEventLogStorage)
+        and (path / "dagster.yaml").exists()
+    ):
+        progress(
+            f"Note: {path}/dagster.yaml uses Dagster's plain SQLite storage, whose pool claims can "
+            f"let two runs write one table at once; copy {PROJECT_DAGSTER_YAML} there"
+        )
     ensure_pools(instance)
     return instance

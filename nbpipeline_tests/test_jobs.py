@@ -8,10 +8,7 @@ printed (`pytest -s`) so the figures can be compared across machines.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -127,47 +124,4 @@ def test_parallel_job_runs_in_step_processes(spark, schema, source, instance) ->
     print(f"\nparallel_notebooks: {wall:.1f}s wall; steps {steps}")
 
 
-def _cli_run(mode: str, source: str, home: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "nbpipeline.cli", "run", mode, "--source", source],
-        env={**os.environ, "DAGSTER_HOME": str(home)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def test_overlapping_runs_of_both_jobs(spark, schema, source, instance) -> None:
-    """Both jobs launched at once on the same tables, from two `nbpipeline run` processes (as
-    two users would; Dagster's execute_job is not safe to call from two threads of one process):
-    both succeed, and the pools kept each table's MERGEs apart."""
-    home = Path(instance.root_directory)
-    started = time.monotonic()
-    procs = {mode: _cli_run(mode, source, home) for mode in ("sequential", "parallel")}
-    outputs = {mode: proc.communicate(timeout=600) for mode, proc in procs.items()}
-    wall = time.monotonic() - started
-    run_ids = {}
-    for mode, (stdout, stderr) in outputs.items():
-        assert procs[mode].returncode == 0, (mode, stderr[-3000:])
-        run_ids[mode] = stdout.strip().splitlines()[-1]
-        # Progress was printed per step as the run went on.
-        for nb in NOTEBOOKS:
-            assert f"{nb}: started" in stderr and f"{nb}: succeeded" in stderr
-    assert_contract_invariants(spark, schema, source)
-
-    runs = {mode: instance.get_run_by_id(run_id) for mode, run_id in run_ids.items()}
-    for mode, run in runs.items():
-        assert run is not None and run.status == dg.DagsterRunStatus.SUCCESS
-        assert run.job_name == f"{mode}_notebooks"
-        assert run.tags["nbpipeline/mode"] == mode
-    # Both read the same, unchanged source: the runs pair up by their source_version tag.
-    version = str(latest_version(spark, source))
-    assert runs["sequential"].tags[SOURCE_VERSION_TAG] == version
-    assert runs["parallel"].tags[SOURCE_VERSION_TAG] == version
-    seq = step_windows(instance, run_ids["sequential"])
-    par = step_windows(instance, run_ids["parallel"])
-    for nb in NOTEBOOKS:
-        (s1, e1, _), (s2, e2, _) = seq[nb], par[nb]
-        assert e1 <= s2 or e2 <= s1, f"{nb} ran in both runs at once"
-    blocked = "".join(err for _, err in outputs.values()).count("blocked by limit for pool")
-    print(f"\noverlapping sequential + parallel runs: {wall:.1f}s wall, {blocked} pool waits")
+# Overlapping runs of both jobs (pools, tags, progress lines): test_overlap.py.

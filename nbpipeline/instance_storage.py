@@ -1,0 +1,107 @@
+"""Dagster's SQLite storage with concurrency-pool claims that are atomic across processes.
+
+Dagster's SQL storage claims a pool slot in two statements: find a free slot row, then write the
+run and step into it. Postgres locks the row in between (`SELECT ... FOR UPDATE`); SQLite ignores
+that clause and pysqlite runs the `SELECT` outside any transaction, so two processes that claim at
+the same moment can both read the same free slot and both "claim" it: a pool of limit 1 then runs
+two steps at once. nbpipeline's overlap test saw exactly that (a sequential and a parallel run
+MERGEd into `daily_sales` together, neither logging a wait). Pending-step assignment has the same
+read-then-write shape.
+
+The fix is local and boring: every call that reads and changes pool state runs under one
+host-wide lock (`flock` on a file beside the event log databases, which are on this host by
+definition of SQLite). The databases, their layout and every other behaviour are Dagster's own, so
+an instance can switch to or from this class at any time. `dagster.yaml` selects it:
+
+    storage:
+      custom:
+        module: nbpipeline.instance_storage
+        class: PoolSafeSqliteStorage
+        config:
+          base_dir:
+            env: DAGSTER_HOME
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from dagster._core.storage.event_log import SqliteEventLogStorage
+from dagster._core.storage.sqlite_storage import DagsterSqliteStorage, _event_logs_directory
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+LOCK_FILE = ".nbpipeline-concurrency.lock"
+
+
+class HostLock:
+    """A lock across the processes of this host (`flock`), re-entrant within a process.
+
+    Re-entrant because freeing a slot assigns the next pending step, and both are locked."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._thread_lock = threading.RLock()
+        self._depth = 0
+        self._fd: int | None = None
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        with self._thread_lock:
+            if self._depth == 0:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+                if self._depth == 0 and self._fd is not None:
+                    os.close(self._fd)  # closing the descriptor releases the flock
+                    self._fd = None
+
+
+def _locked(method: F) -> F:
+    @functools.wraps(method)
+    def wrapper(self: PoolSafeSqliteEventLogStorage, *args: Any, **kwargs: Any) -> Any:
+        with self.pool_lock.held():
+            return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+class PoolSafeSqliteEventLogStorage(SqliteEventLogStorage):
+    """`SqliteEventLogStorage` whose pool reads-then-writes hold a host-wide lock."""
+
+    def __init__(self, base_dir: str, inst_data: Any = None) -> None:
+        super().__init__(base_dir, inst_data=inst_data)
+        self.pool_lock = HostLock(Path(self._base_dir) / LOCK_FILE)
+
+    claim_concurrency_slot = _locked(SqliteEventLogStorage.claim_concurrency_slot)
+    free_concurrency_slot_for_step = _locked(SqliteEventLogStorage.free_concurrency_slot_for_step)
+    free_concurrency_slots_for_run = _locked(SqliteEventLogStorage.free_concurrency_slots_for_run)
+    assign_pending_steps = _locked(SqliteEventLogStorage.assign_pending_steps)
+    initialize_concurrency_limit_to_default = _locked(
+        SqliteEventLogStorage.initialize_concurrency_limit_to_default
+    )
+    set_concurrency_slots = _locked(SqliteEventLogStorage.set_concurrency_slots)
+    delete_concurrency_limit = _locked(SqliteEventLogStorage.delete_concurrency_limit)
+
+
+class PoolSafeSqliteStorage(DagsterSqliteStorage):
+    """Dagster's default SQLite storage (same files under `base_dir`), with pool-safe event logs."""
+
+    def __init__(self, base_dir: str, inst_data: Any = None) -> None:
+        super().__init__(base_dir, inst_data=inst_data)
+        self._event_log_storage = PoolSafeSqliteEventLogStorage(_event_logs_directory(base_dir))
+
+    @classmethod
+    def from_config_value(cls, inst_data: Any, config_value: Any) -> PoolSafeSqliteStorage:  # type: ignore[override]
+        return cls.from_local(inst_data=inst_data, **config_value)
