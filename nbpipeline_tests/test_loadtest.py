@@ -45,6 +45,10 @@ def test_loadtest_smoke(spark, schema: str, instance: dg.DagsterInstance) -> Non
     jvm_mb = psutil.Process(engine.status()["pid"]).memory_info().rss / 2**20
     for run in runs:
         assert run["success"] and not run["failed_checks"] and run["wall_s"] > 0
+        # Where the time went: every notebook step and its checks, each within the run's wall.
+        steps = run["steps_s"]
+        assert {"Notebook1", "Notebook4", "Notebook4_checks"} <= set(steps), steps
+        assert all(0 < s <= run["wall_s"] for s in steps.values()), (steps, run["wall_s"])
         # The engine JVM is counted: the peak is at least most of its resident size.
         assert run["peak_rss_mb"] > 0.5 * jvm_mb
         stored = instance.get_run_by_id(run["run_id"])
@@ -54,3 +58,23 @@ def test_loadtest_smoke(spark, schema: str, instance: dg.DagsterInstance) -> Non
     # The series run read the source after its change batch: 300 orders + 15 new ones.
     assert spark.table(f"{schema}.orders").count() == 315
     assert spark.table(f"{schema}.orders_load").count() == 300
+
+
+def test_engine_errors_count_failures_not_detached_result_streams(tmp_path) -> None:
+    from nbpipeline.loadtest import _engine_errors
+
+    log = tmp_path / "server.log"
+    log.write_text(
+        "26/11/27 04:00:00 WARN HiveConf: before the run\n"
+        "26/11/27 04:00:01 ERROR ErrorUtils: Spark Connect RPC error during: "
+        "async-grpc-response-sender. UserId: . SessionId: s.\n"
+        "org.apache.spark.SparkSQLException: [INVALID_CURSOR.DISCONNECTED] The cursor is invalid.\n"
+        "26/11/27 04:00:02 ERROR Executor: Exception in task 3.0 in stage 7.0\n"
+        "java.lang.OutOfMemoryError: Java heap space\n"
+    )
+    offset = len(log.read_text().splitlines(keepends=True)[0])
+    assert _engine_errors(log, offset) == [
+        "26/11/27 04:00:02 ERROR Executor: Exception in task 3.0 in stage 7.0",
+        "java.lang.OutOfMemoryError: Java heap space",
+    ]
+    assert _engine_errors(tmp_path / "absent.log", 0) == []
