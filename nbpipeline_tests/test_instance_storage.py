@@ -71,7 +71,9 @@ def test_project_storage_is_dagster_sqlite_in_the_same_files(tmp_path, monkeypat
         assert isinstance(instance.event_log_storage, PoolSafeSqliteEventLogStorage)
         assert instance.event_log_storage.supports_global_concurrency_limits
         assert instance.global_op_concurrency_default_limit == 1
-        run = instance.create_run_for_job(dg.GraphDefinition("g").to_job(), run_id=str(uuid.uuid4()))
+        run = instance.create_run_for_job(
+            dg.GraphDefinition("g").to_job(), run_id=str(uuid.uuid4())
+        )
         assert instance.get_run_by_id(run.run_id) is not None
     # Dagster's default layout, so an instance can switch to or from this storage.
     assert (home / "history" / "runs.db").exists()
