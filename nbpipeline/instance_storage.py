@@ -11,15 +11,13 @@ read-then-write shape.
 The fix is local and boring: every call that reads and changes pool state runs under one
 host-wide lock (`flock` on a file beside the event log databases, which are on this host by
 definition of SQLite). The databases, their layout and every other behaviour are Dagster's own, so
-an instance can switch to or from this class at any time. `dagster.yaml` selects it:
+an instance can switch to or from this class at any time. `dagster.yaml` selects it through
+Dagster's `instance_class` hook, whose defaults are computed from the instance's own folder (so
+`DagsterInstance.from_config(path)` and `DAGSTER_HOME` both work):
 
-    storage:
-      custom:
-        module: nbpipeline.instance_storage
-        class: PoolSafeSqliteStorage
-        config:
-          base_dir:
-            env: DAGSTER_HOME
+    instance_class:
+      module: nbpipeline.instance_storage
+      class: PoolSafeInstance
 """
 
 from __future__ import annotations
@@ -33,8 +31,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import dagster as dg
+import yaml
+from dagster._core.instance.ref import InstanceRef
 from dagster._core.storage.event_log import SqliteEventLogStorage
 from dagster._core.storage.sqlite_storage import DagsterSqliteStorage, _event_logs_directory
+from dagster._serdes import ConfigurableClassData
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -105,3 +107,24 @@ class PoolSafeSqliteStorage(DagsterSqliteStorage):
     @classmethod
     def from_config_value(cls, inst_data: Any, config_value: Any) -> PoolSafeSqliteStorage:  # type: ignore[override]
         return cls.from_local(inst_data=inst_data, **config_value)
+
+
+class PoolSafeInstance(dg.DagsterInstance):
+    """A Dagster instance whose default storage is `PoolSafeSqliteStorage` in its own folder.
+
+    Everything else is Dagster's default; a `storage:` entry in dagster.yaml still overrides it
+    (e.g. Postgres, whose claims lock their rows)."""
+
+    @classmethod
+    def config_schema(cls) -> dict[str, Any]:
+        return {}  # no settings of its own
+
+    @staticmethod
+    def config_defaults(base_dir: str) -> dict[str, Any]:
+        defaults = dict(InstanceRef.config_defaults(base_dir))
+        defaults["storage"] = ConfigurableClassData(
+            __name__,
+            PoolSafeSqliteStorage.__name__,
+            yaml.dump({"base_dir": base_dir}, default_flow_style=False),
+        )
+        return defaults

@@ -18,7 +18,11 @@ import dagster as dg
 import pytest
 
 from nbpipeline.instance import PROJECT_DAGSTER_YAML
-from nbpipeline.instance_storage import PoolSafeSqliteEventLogStorage, PoolSafeSqliteStorage
+from nbpipeline.instance_storage import (
+    PoolSafeInstance,
+    PoolSafeSqliteEventLogStorage,
+    PoolSafeSqliteStorage,
+)
 
 POOL = "nbpipeline/test_pool"
 CLAIMERS = 8
@@ -65,8 +69,10 @@ def claimed_together(home: Path, monkeypatch: pytest.MonkeyPatch) -> int:
 
 def test_project_storage_is_dagster_sqlite_in_the_same_files(tmp_path, monkeypatch) -> None:
     home = _home(tmp_path, project=True)
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
-    with dg.DagsterInstance.get() as instance:
+    # Opened by path while DAGSTER_HOME points elsewhere: the storage follows the path.
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        assert isinstance(instance, PoolSafeInstance)
         assert isinstance(instance.get_ref().storage, PoolSafeSqliteStorage)
         assert isinstance(instance.event_log_storage, PoolSafeSqliteEventLogStorage)
         assert instance.event_log_storage.supports_global_concurrency_limits
@@ -78,6 +84,7 @@ def test_project_storage_is_dagster_sqlite_in_the_same_files(tmp_path, monkeypat
     # Dagster's default layout, so an instance can switch to or from this storage.
     assert (home / "history" / "runs.db").exists()
     assert (home / "history" / "runs" / "index.db").exists()
+    assert not (tmp_path / "history").exists()
 
 
 def test_one_claim_wins_a_single_slot_and_its_release_hands_it_on(tmp_path, monkeypatch) -> None:
