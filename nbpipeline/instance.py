@@ -73,7 +73,9 @@ def ensure_pools(instance: dg.DagsterInstance) -> None:
     pool of limit 1 briefly has 2 slots and two runs MERGE the same table at once; this was seen
     with two `nbpipeline run` processes started together on a fresh instance. Initialising here,
     under a file lock, leaves one slot per pool before anything runs. Idempotent, and it also
-    repairs a pool whose slot count drifted from the default limit.
+    repairs a pool whose slot count drifted from the default limit. (The project's
+    PoolSafeInstance already locks these calls; this lock still guards an instance whose
+    dagster.yaml predates it.)
     """
     storage = instance.event_log_storage
     if not storage.supports_global_concurrency_limits:

@@ -61,10 +61,12 @@ def _engine_errors(log: Path, offset: int) -> list[str]:
 
 def step_seconds(run_id: str) -> dict[str, float]:
     """Each step's wall seconds in the run, from its event log (where a long run's time went)."""
-    from nbpipeline.comparison import run_timing
-    from nbpipeline.instance import get_instance
+    import dagster as dg
 
-    with get_instance() as instance:
+    from nbpipeline.comparison import run_timing
+
+    # DAGSTER_HOME is set and the pools exist by now (run_job made both sure).
+    with dg.DagsterInstance.get() as instance:
         return {s.step: round(s.duration_s, 1) for s in run_timing(instance, run_id).steps}
 
 
