@@ -49,7 +49,8 @@ _SDK_ENV = (
 
 
 def write_notebooks(folder: Path) -> Path:
-    """Four small Databricks-source notebooks plus the `_common` helper they %run."""
+    """Four small Databricks-source notebooks, the orchestration and pin notebooks, and the
+    `_common` helper they %run."""
     folder.mkdir(parents=True, exist_ok=True)
     for name in NOTEBOOKS:
         (folder / f"{name}.py").write_text(
@@ -58,6 +59,11 @@ def write_notebooks(folder: Path) -> Path:
             "# COMMAND ----------\n\n"
             f'dbutils.widgets.text("source_table", "nbpipeline.orders")\n'
             f'dbutils.notebook.exit(json.dumps({{"notebook": "{name}", "tables": []}}))\n'
+        )
+    for name in ("SequentialOrchestration", "ParallelOrchestration", "PinSourceVersion"):
+        (folder / f"{name}.py").write_text(
+            "# Databricks notebook source\n"
+            f'dbutils.notebook.exit(json.dumps({{"notebook": "{name}"}}))\n'
         )
     (folder / "_common.py").write_text("# Databricks notebook source\nimport json\n")
     return folder

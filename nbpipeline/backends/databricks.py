@@ -25,7 +25,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +52,10 @@ HOST_ENV = "DATABRICKS_HOST"
 TOKEN_ENV = "DATABRICKS_TOKEN"
 CLUSTER_ENV = "DATABRICKS_CLUSTER_ID"
 WORKSPACE_DIR_ENV = "NBPIPELINE_DATABRICKS_WORKSPACE_DIR"
-DEFAULT_WORKSPACE_DIR = "/Shared/nbpipeline"
+# Each user gets their own copy: a shared folder would let any user or branch change the code
+# another user's scheduled job runs. `{user}` is the caller's workspace user name.
+USER_WORKSPACE_DIR = "/Users/{user}/nbpipeline"
+DEFAULT_WORKSPACE_DIR = USER_WORKSPACE_DIR
 
 _LOG = logging.getLogger("nbpipeline.databricks")
 
@@ -128,7 +131,26 @@ def check_workspace_dir(value: str, *, field: str = "workspace_dir") -> str:
         raise ConfigError(f"{field} {value!r} must not contain empty, '.' or '..' segments")
     if any(ch in text for ch in "\n\r\t\"'`"):
         raise ConfigError(f"{field} {value!r} contains quotes or control characters")
+    if "{" in text.replace("{user}", "") or "}" in text.replace("{user}", ""):
+        raise ConfigError(f"{field} {value!r}: the only placeholder allowed is {{user}}")
     return text.rstrip("/")
+
+
+def resolve_workspace_dir(ws: WorkspaceClient, folder: str) -> str:
+    """`folder` with `{user}` replaced by the authenticated user's name (SCIM `Me`)."""
+    if "{user}" not in folder:
+        return folder
+    try:
+        me = ws.current_user.me()
+    except API_ERRORS as exc:
+        raise ConfigError(
+            f"cannot find the current user for workspace folder {folder}: "
+            f"{describe_api_error(exc)}",
+            hint=f"set {WORKSPACE_DIR_ENV} (or --workspace-dir) to a folder",
+        ) from None
+    if not me.user_name:
+        raise ConfigError(f"the workspace reports no user name for {folder}")
+    return folder.replace("{user}", me.user_name)
 
 
 def make_workspace_client(
@@ -229,10 +251,33 @@ def _normalized_source(data: bytes) -> str:
 
 
 def notebooks_digest(notebooks: Mapping[str, bytes]) -> str:
+    """SHA-256 of the notebooks' normalized sources, so a workspace export hashes the same."""
     h = hashlib.sha256()
     for name in sorted(notebooks):
-        h.update(name.encode() + b"\0" + notebooks[name] + b"\0")
+        h.update(name.encode() + b"\0" + _normalized_source(notebooks[name]).encode() + b"\0")
     return h.hexdigest()
+
+
+def workspace_notebooks(
+    ws: WorkspaceClient, workspace_dir: str, names: Iterable[str]
+) -> dict[str, bytes | None]:
+    """The workspace copies of `names` in `workspace_dir` (None: missing or not a notebook)."""
+    out: dict[str, bytes | None] = {}
+    for name in sorted(names):
+        try:
+            exported = ws.workspace.export(
+                f"{workspace_dir}/{name}", format=ws_api.ExportFormat.SOURCE
+            )
+        except NotFound:
+            out[name] = None
+            continue
+        except API_ERRORS as exc:
+            if "does not exist" in str(exc) or "doesn't exist" in str(exc):
+                out[name] = None
+                continue
+            raise
+        out[name] = base64.b64decode(exported.content or "")
+    return out
 
 
 def sync_notebooks(
