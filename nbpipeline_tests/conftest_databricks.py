@@ -218,6 +218,9 @@ class FakeJobs:
     def cancel_run(self, run_id: int) -> None:
         self.cancelled.append(run_id)
 
+    def list_runs(self, **_: Any) -> list[jobs.BaseRun]:
+        return []  # no live runs left over from earlier attempts
+
 
 class FakeWorkspaceApi:
     """`ws.workspace`: an in-memory folder of notebooks."""
@@ -248,10 +251,18 @@ class FakeWorkspaceApi:
         self.imports.append(path)
 
 
+class FakeCurrentUser:
+    def me(self) -> Any:
+        from databricks.sdk.service import iam
+
+        return iam.User(user_name="fake@example.com")
+
+
 class FakeWorkspaceClient:
     def __init__(self, fake_jobs: FakeJobs) -> None:
         self.jobs = fake_jobs
         self.workspace = FakeWorkspaceApi()
+        self.current_user = FakeCurrentUser()
 
 
 def use_fake_client(monkeypatch: pytest.MonkeyPatch, fake: FakeWorkspaceClient) -> None:

@@ -201,7 +201,7 @@ def test_success_returns_exit_value_and_databricks_timings(databricks_env, monke
     assert fake.polls == 5
     assert run.backend == "databricks"
     assert run.engine == "https://example.cloud.databricks.com"
-    assert run.location == "/Shared/nbpipeline/Notebook1"
+    assert run.location == "/Users/fake@example.com/nbpipeline/Notebook1"  # one copy per user
     assert run.exit_value["notebook"] == "Notebook1" and run.tables == [{"table": "nbpipeline.x"}]
     # Durations are Databricks' own (12+ minutes), not the milliseconds this test took.
     assert run.extra["queue_s"] == 1.5
@@ -215,7 +215,7 @@ def test_success_returns_exit_value_and_databricks_timings(databricks_env, monke
     assert fake.output_requests == [fake.task_run_id]
     submit = fake.submits[0]
     (task,) = submit["tasks"]
-    assert task.notebook_task.notebook_path == "/Shared/nbpipeline/Notebook1"
+    assert task.notebook_task.notebook_path == "/Users/fake@example.com/nbpipeline/Notebook1"
     assert task.notebook_task.base_parameters == PARAMS
     assert task.existing_cluster_id == "0101-010101-loopback"
     assert submit["timeout_seconds"] == 900 and task.timeout_seconds == 900
@@ -360,7 +360,16 @@ def test_step_retry_after_a_failed_run_starts_a_new_run(loopback: LoopbackDatabr
     assert len(tokens) == 3 and tokens[0] == tokens[1] != tokens[2]
 
 
-def test_step_retry_after_losing_track_reattaches_to_the_same_run(
+def _live_intervals(loopback: LoopbackDatabricks) -> list[tuple[float, float]]:
+    """(created, ended-or-cancelled) of every one-time run, by creation."""
+    out = []
+    for run in sorted(loopback.runs.values(), key=lambda r: r.created):
+        end = max(t["end"] for t in loopback.timeline(run.run_id)["tasks"] if "end" in t)
+        out.append((run.created, min(end, run.cancel_at or end)))
+    return out
+
+
+def test_step_losing_track_cancels_its_run_and_the_retry_starts_one_live_run(
     loopback: LoopbackDatabricks,
 ) -> None:
     loopback.behave("Notebook1", execution_s=1.0)
@@ -373,10 +382,47 @@ def test_step_retry_after_losing_track_reattaches_to_the_same_run(
         [_retrying_asset(backend, lambda: None)], instance=dg.DagsterInstance.ephemeral()
     )
     assert result.success
-    assert len(loopback.runs) == 1  # the retry re-attached instead of starting a second run
-    (run,) = loopback.runs.values()
-    extra = result.output_for_node("notebook1")
-    assert extra["run_id"] == run.run_id
+    first, second = sorted(loopback.runs.values(), key=lambda r: r.created)
+    assert first.cancel_at is not None  # the run it lost track of was cancelled
+    assert second.cancel_at is None
+    assert result.output_for_node("notebook1")["run_id"] == second.run_id
+    # Never two live runs of the notebook at once.
+    (a_start, a_end), (b_start, _) = _live_intervals(loopback)
+    assert a_end <= b_start
+
+
+def test_reexecution_reattaches_to_a_run_it_could_not_cancel(
+    loopback: LoopbackDatabricks,
+) -> None:
+    loopback.behave("Notebook1", execution_s=1.5)
+    for path in ("/api/2.2/jobs/runs/get", "/api/2.2/jobs/runs/cancel"):
+        loopback.inject_error(
+            path.endswith("get") and "GET" or "POST",
+            path,
+            status=400,
+            code="BAD_REQUEST",
+            message="proxy broke",
+        )
+    backend = make_backend()
+
+    @dg.asset
+    def notebook1() -> dict[str, Any]:
+        return backend.run_notebook("Notebook1", PARAMS).extra
+
+    first = dg.materialize(
+        [notebook1], instance=dg.DagsterInstance.ephemeral(), raise_on_error=False
+    )
+    assert not first.success
+    failure = first.get_step_failure_events()[0].step_failure_data.error.to_string()
+    assert "lost track of Databricks run" in failure and "re-attaches to it" in failure
+    (orphan,) = loopback.runs.values()
+    assert orphan.cancel_at is None
+
+    # A re-execution (a new Dagster run, so new idempotency tokens) waits for the live run.
+    again = dg.materialize([notebook1], instance=dg.DagsterInstance.ephemeral())
+    assert again.success
+    assert list(loopback.runs) == [orphan.run_id]
+    assert again.output_for_node("notebook1")["run_id"] == orphan.run_id
 
 
 def test_polling_adapts_and_resets_on_state_change(databricks_env, monkeypatch) -> None:
@@ -434,7 +480,7 @@ def test_http_run_end_to_end(loopback: LoopbackDatabricks) -> None:
     body = submit.body
     (task,) = body["tasks"]
     assert task["notebook_task"] == {
-        "notebook_path": "/Shared/nbpipeline/Notebook2",
+        "notebook_path": f"/Users/{loopback.user}/nbpipeline/Notebook2",
         "base_parameters": PARAMS,
         "source": "WORKSPACE",
     }
@@ -462,8 +508,7 @@ def test_http_sync_uploads_all_notebooks_once_and_only_changes(
     backend.run_notebook("Notebook1", PARAMS)
     imports = loopback.requests_to("/workspace/import")
     assert sorted(r.body["path"] for r in imports) == [
-        f"/Shared/team/nbpipeline/{n}"
-        for n in ("Notebook1", "Notebook2", "Notebook3", "Notebook4", "_common")
+        f"/Shared/team/nbpipeline/{n}" for n in sorted(p.stem for p in databricks_env.glob("*.py"))
     ]
     assert all(
         r.body["format"] == "SOURCE" and r.body["language"] == "PYTHON" and r.body["overwrite"]
@@ -480,19 +525,13 @@ def test_http_sync_uploads_all_notebooks_once_and_only_changes(
 
     # An explicit sync compares with the workspace: nothing changed, nothing uploaded.
     assert set(backend.sync_notebooks().values()) == {"unchanged"}
-    assert len(loopback.requests_to("/workspace/import")) == 5
+    assert len(loopback.requests_to("/workspace/import")) == len(list(databricks_env.glob("*.py")))
 
     # A local edit uploads that notebook only; so does an edit made in the workspace UI.
     (databricks_env / "Notebook3.py").write_text("# Databricks notebook source\nprint('v2')\n")
     loopback.objects["/Shared/team/nbpipeline/Notebook4"]["content"] = b"# edited in the UI\n"
     result = backend.sync_notebooks()
-    assert result == {
-        "Notebook1": "unchanged",
-        "Notebook2": "unchanged",
-        "Notebook3": "uploaded",
-        "Notebook4": "uploaded",
-        "_common": "unchanged",
-    }
+    assert {n for n, how in result.items() if how == "uploaded"} == {"Notebook3", "Notebook4"}
     # A changed local folder also triggers the pre-run sync (the cache key is the content).
     (databricks_env / "Notebook1.py").write_text("# Databricks notebook source\nprint('v3')\n")
     backend.run_notebook("Notebook1", PARAMS)

@@ -18,6 +18,7 @@ building a workspace client, syncing notebooks, polling a run and cancelling it.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -25,7 +26,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -353,6 +354,73 @@ _SYNC_LOCK = threading.Lock()
 _SYNCED: dict[tuple[str, str], str] = {}
 
 
+@contextlib.contextmanager
+def _host_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` across processes (the step processes of one run)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as handle:
+        if os.name == "nt":  # pragma: no cover - Windows
+            import msvcrt
+
+            handle.seek(0)
+            while True:
+                try:
+                    msvcrt.locking(handle.fileno(), msvcrt.LK_LOCK, 1)
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            try:
+                yield
+            finally:
+                handle.seek(0)
+                msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _run_sync_marker(host: str, workspace_dir: str, dagster_run_id: str) -> Path:
+    """Where the step processes of one Dagster run record that the notebooks were synced."""
+    key = hashlib.sha256(f"{host}\0{workspace_dir}\0{dagster_run_id}".encode()).hexdigest()[:32]
+    return settings.home() / "databricks" / "synced" / key
+
+
+def sync_once_per_run(
+    ws: WorkspaceClient,
+    host: str,
+    workspace_dir: str,
+    local: Mapping[str, bytes],
+    *,
+    log: logging.Logger,
+) -> bool:
+    """Sync the notebooks unless this Dagster run already did (in any of its step processes);
+    outside a Dagster run, once per process. True if this call synced."""
+    digest = notebooks_digest(local)
+    key = (host, workspace_dir)
+    with _SYNC_LOCK:
+        if _SYNCED.get(key) == digest:
+            return False
+        step = _current_dagster_step()
+        if step is None:
+            sync_notebooks(ws, workspace_dir, local, log=log)
+            _SYNCED[key] = digest
+            return True
+        marker = _run_sync_marker(host, workspace_dir, step[0])
+        with _host_lock(marker.with_suffix(".lock")):
+            if marker.is_file() and marker.read_text() == digest:
+                _SYNCED[key] = digest
+                return False
+            sync_notebooks(ws, workspace_dir, local, log=log)
+            marker.write_text(digest)
+        _SYNCED[key] = digest
+        return True
+
+
 # --------------------------------------------------------------------------------------------
 # Polling, timings, cancellation
 # --------------------------------------------------------------------------------------------
@@ -499,6 +567,33 @@ def fetch_error(ws: WorkspaceClient, task_run_id: int) -> tuple[str | None, str 
     return out.error, out.error_trace
 
 
+def find_live_run(
+    ws: WorkspaceClient, notebook_path: str, parameters: Mapping[str, str]
+) -> int | None:
+    """A one-time run of `notebook_path` with exactly `parameters` that is still active, if any.
+
+    Listed from the workspace (active submit runs), so it finds runs started by an earlier step
+    attempt or an earlier Dagster run whose step lost track of them.
+    """
+    try:
+        runs = ws.jobs.list_runs(
+            active_only=True, run_type=jobs.RunType.SUBMIT_RUN, expand_tasks=True
+        )
+        for run in runs:
+            for task in run.tasks or []:
+                nb = task.notebook_task
+                if (
+                    nb is not None
+                    and nb.notebook_path == notebook_path
+                    and dict(nb.base_parameters or {}) == dict(parameters)
+                    and not is_terminal(task)
+                ):
+                    return int(run.run_id or 0) or None
+    except API_ERRORS as exc:
+        _LOG.warning("could not list active runs (%s)", describe_api_error(exc))
+    return None
+
+
 def _current_dagster_step() -> tuple[str, str, int] | None:
     """(run id, step key, retry number) of the Dagster step running this code, if any."""
     try:
@@ -584,8 +679,10 @@ class DatabricksNotebookBackend(NotebookBackend):
     workspace_dir: str = Field(
         default=DEFAULT_WORKSPACE_DIR,
         description=(
-            "Workspace folder the local notebooks are synced into and run from; every *.py in the "
-            "notebooks folder goes there (Notebook1..4 and the %run helpers)."
+            "Workspace folder the local notebooks are synced into (once per Dagster run) and run "
+            "from; every *.py in the notebooks folder goes there (Notebook1..4 and the %run "
+            "helpers). Default /Users/{user}/nbpipeline, {user} being the authenticated user, so "
+            "no other user or branch overwrites the code your runs use; /Shared/... only if set."
         ),
     )
     existing_cluster_id: str | None = Field(
@@ -792,6 +889,14 @@ class DatabricksNotebookBackend(NotebookBackend):
             **self._compute(),
         )
         try:
+            live = find_live_run(ws, path, widgets)
+            tokens = [] if live is not None else tokens
+            if live is not None:
+                # A run of this notebook with these values is still going (an earlier attempt or
+                # a re-executed Dagster run lost track of it): wait for it, never start a second.
+                logger.warning("%s: re-attaching to live Databricks run %s", notebook, live)
+                run_id = live
+                token = "re-attached"
             for i, token in enumerate(tokens):
                 waiter = ws.jobs.submit(
                     run_name=f"{self.run_name_prefix} {notebook}",
@@ -835,8 +940,29 @@ class DatabricksNotebookBackend(NotebookBackend):
             cancel_run_quietly(ws, run_id, log=logger, timeout=self.cancel_timeout_seconds)
             raise
         except API_ERRORS as exc:
+            # Never leave a run going that nobody watches: cancel it. If even that fails, the
+            # next attempt or re-execution finds it live (find_live_run) and waits for it.
+            cancelled = cancel_run_quietly(
+                ws, run_id, log=logger, timeout=self.cancel_timeout_seconds
+            )
+            if cancelled:
+                # Wait (briefly) until it is really over, so a retry sees it ended.
+                with contextlib.suppress(*API_ERRORS, RunDeadlineExceeded):
+                    wait_for_run(
+                        ws,
+                        run_id,
+                        deadline=time.monotonic() + self.cancel_timeout_seconds,
+                        policy=self._policy(),
+                        log=logger,
+                        label=notebook,
+                    )
+            outcome = (
+                "it was cancelled"
+                if cancelled
+                else "cancelling it failed too; a retry or re-execution re-attaches to it"
+            )
             raise NotebookError(
-                f"lost track of Databricks run {run_id} ({describe_api_error(exc)}); it may still be running",
+                f"lost track of Databricks run {run_id} ({describe_api_error(exc)}); {outcome}",
                 notebook=notebook,
                 run_id=run_id,
             ) from None
@@ -863,7 +989,14 @@ class DatabricksNotebookBackend(NotebookBackend):
         return normalize_host(str(_peek(self.host) or ""), field="host")
 
     def _workspace_dir(self) -> str:
-        return check_workspace_dir(str(_peek(self.workspace_dir) or DEFAULT_WORKSPACE_DIR))
+        folder = check_workspace_dir(str(_peek(self.workspace_dir) or DEFAULT_WORKSPACE_DIR))
+        if "{user}" not in folder:
+            return folder
+        resolved = getattr(self._clients, "workspace_dir", None)
+        if resolved is None:
+            resolved = resolve_workspace_dir(self._client(), folder)
+            self._clients.workspace_dir = resolved
+        return resolved
 
     def _policy(self) -> PollPolicy:
         return PollPolicy(self.poll_initial_seconds, self.poll_max_seconds, self.poll_backoff)
@@ -891,14 +1024,7 @@ class DatabricksNotebookBackend(NotebookBackend):
         return {}  # serverless: a notebook task with no compute runs on serverless jobs compute
 
     def _ensure_synced(self, ws: WorkspaceClient, log: logging.Logger) -> None:
-        local = local_notebooks()
-        digest = notebooks_digest(local)
-        key = (self._host(), self._workspace_dir())
-        with _SYNC_LOCK:
-            if _SYNCED.get(key) == digest:
-                return
-            sync_notebooks(ws, key[1], local, log=log)
-            _SYNCED[key] = digest
+        sync_once_per_run(ws, self._host(), self._workspace_dir(), local_notebooks(), log=log)
 
     def _finish(
         self,
