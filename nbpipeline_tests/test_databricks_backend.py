@@ -867,3 +867,71 @@ if (
     print(
         json.dumps(simulate_pipeline(float(sys.argv[1]) if len(sys.argv) > 1 else 20.0), indent=2)
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Compute over HTTP, sync once per run
+# ----------------------------------------------------------------------------------------------
+
+
+def test_http_serverless_submit_sends_no_cluster(loopback: LoopbackDatabricks) -> None:
+    backend = make_backend(existing_cluster_id=None, serverless=True)
+    run = backend.run_notebook("Notebook1", PARAMS)
+    assert run.exit_value["notebook"] == "Notebook1"
+    (submit,) = loopback.requests_to("/jobs/runs/submit")
+    (task,) = submit.body["tasks"]
+    assert not {"existing_cluster_id", "new_cluster", "job_cluster_key"} & task.keys()
+    assert "cluster_id" not in run.extra
+
+
+def test_http_new_cluster_submit_sends_the_cluster_spec(loopback: LoopbackDatabricks) -> None:
+    spec = {
+        "spark_version": "17.3.x-scala2.13",
+        "node_type_id": "Standard_D4ds_v5",
+        "num_workers": 2,
+        "data_security_mode": "SINGLE_USER",
+    }
+    loopback.behave("Notebook3", setup_s=0.3)  # a job cluster takes time to start
+    backend = make_backend(existing_cluster_id=None, new_cluster=spec)
+    run = backend.run_notebook("Notebook3", PARAMS)
+    (submit,) = loopback.requests_to("/jobs/runs/submit")
+    (task,) = submit.body["tasks"]
+    assert task["new_cluster"] == spec and "existing_cluster_id" not in task
+    truth = loopback.timeline(run.extra["run_id"])["tasks"][0]
+    assert run.extra["setup_s"] == pytest.approx(truth["setup_s"], abs=0.002)
+    assert run.extra["setup_s"] >= 0.3
+
+
+_SYNC_CHILD = """
+import logging, sys
+import nbpipeline.backends.databricks as dbmod
+from nbpipeline.backends.databricks import make_workspace_client, local_notebooks, sync_once_per_run
+dbmod._current_dagster_step = lambda: ("dagster-run-1", "Notebook" + sys.argv[3], 0)
+ws = make_workspace_client(sys.argv[1], sys.argv[2])
+print(sync_once_per_run(ws, sys.argv[1], "/Users/me/nbpipeline", local_notebooks(),
+                        log=logging.getLogger("x")))
+"""
+
+
+def test_notebooks_sync_once_per_dagster_run_across_step_processes(
+    loopback: LoopbackDatabricks, databricks_env, tmp_path
+) -> None:
+    # Four step processes of one Dagster run start at once: one of them syncs.
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _SYNC_CHILD, loopback.host, TOKEN, str(i)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(1, 5)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-500:] for o in outs]
+    assert sorted(o[0].strip() for o in outs) == ["False", "False", "False", "True"]
+    notebooks = len(list(databricks_env.glob("*.py")))
+    assert len(loopback.requests_to("/workspace/import")) == notebooks
+    assert len(loopback.requests_to("/workspace/export")) == 0  # new folder: nothing to compare
+    assert len(loopback.requests_to("/workspace/get-status")) == notebooks
