@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 from typing import Any
 
@@ -857,14 +858,33 @@ def simulate_comparison(loopback: LoopbackDatabricks, seconds: float) -> dict[st
 
 
 def test_comparison_job_runs_both_orchestrations_one_after_another(
-    loopback: LoopbackDatabricks,
+    loopback: LoopbackDatabricks, capsys
 ) -> None:
     figures = simulate_comparison(loopback, 0.4)
     print(json.dumps(figures))
+    # `databricks run comparison` and `compare --databricks-runs RUN_ID` on the CLI.
+    assert (
+        _cli("databricks", "run", "comparison", "--poll-initial", "0.05", "--poll-max", "0.2") == 0
+    )
+    (latest,) = [
+        r for r in loopback.runs.values() if r.run_type == "JOB_RUN" and r.number_in_job == 2
+    ]
+    capsys.readouterr()
+    parser = argparse.ArgumentParser(prog="nbpipeline")
+    from nbpipeline.cli_compare import add_subcommands as add_compare
+
+    add_compare(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["compare", "--json", "--databricks-runs", str(latest.run_id)])
+    assert args.func(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["sequential"]["mode"] == "sequential" and result["parallel"]["mode"] == "parallel"
+    assert [s["step"] for s in result["parallel"]["steps"]] == list(NOTEBOOK_NAMES)
     assert figures["sequential_wall_s"] >= 4 * 0.4
     assert figures["max_deviation_from_server_s"] <= 0.005
     # The parallel orchestration started only after the sequential one had finished.
-    (run,) = [r for r in loopback.runs.values() if r.run_type == "JOB_RUN"]
+    run = min(
+        (r for r in loopback.runs.values() if r.run_type == "JOB_RUN"), key=lambda r: r.created
+    )
     tl = {t["task_key"]: t for t in loopback.timeline(run.run_id)["tasks"]}
     assert tl["ParallelOrchestration"]["start"] >= tl["SequentialOrchestration"]["end"]
 
@@ -874,3 +894,35 @@ def test_comparison_job_with_20s_notebooks(loopback: LoopbackDatabricks) -> None
     figures = simulate_comparison(loopback, 20.0)
     print(json.dumps(figures))
     assert figures["sequential_wall_s"] >= 80 and figures["parallel_wall_s"] < 40
+
+
+# ----------------------------------------------------------------------------------------------
+# Live workspace (skipped unless DATABRICKS_HOST and a token are set)
+# ----------------------------------------------------------------------------------------------
+
+_LIVE = bool(os.environ.get("DATABRICKS_HOST") and os.environ.get("DATABRICKS_TOKEN"))
+live = pytest.mark.skipif(not _LIVE, reason="needs DATABRICKS_HOST and DATABRICKS_TOKEN")
+
+
+@pytest.mark.databricks
+@live
+def test_live_diff_reads_every_job_and_the_workspace_copy(capsys) -> None:
+    # Read-only: deploy would replace the workspace's nbpipeline jobs, so it is not run here.
+    code = _cli("databricks", "diff", "--json")
+    report = json.loads(capsys.readouterr().out)
+    assert code in (0, 1) and [d["name"] for d in report] == [JOB_NAMES[k] for k in JOB_KINDS]
+
+
+@pytest.mark.databricks
+@live
+@pytest.mark.skipif(
+    not os.environ.get("NBPIPELINE_LIVE_RUN_JOBS"),
+    reason="set NBPIPELINE_LIVE_RUN_JOBS=1 to run the deployed comparison job",
+)
+def test_live_comparison_job_reports_child_runs() -> None:
+    host = os.environ["DATABRICKS_HOST"]
+    report = run_job(make_workspace_client(host, os.environ["DATABRICKS_TOKEN"]), "comparison")
+    assert report.succeeded
+    seq, par = report.orchestration_parts()
+    assert sorted(t.task_key for t in seq.notebook_timings()) == list(NOTEBOOK_NAMES)
+    assert sorted(t.task_key for t in par.notebook_timings()) == list(NOTEBOOK_NAMES)
