@@ -96,10 +96,14 @@ def loopback(databricks_env: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
 
 
 def make_backend(**overrides: Any) -> DatabricksNotebookBackend:
-    """The resource as bound in Definitions (EnvVar host/token), with fast polling for tests."""
+    """The resource as bound in Definitions (a DatabricksClientResource with EnvVar host and
+    token), with fast polling for tests."""
+    from dagster_databricks import DatabricksClientResource
+
     kwargs: dict[str, Any] = {
-        "host": dg.EnvVar("DATABRICKS_HOST"),
-        "token": dg.EnvVar("DATABRICKS_TOKEN"),
+        "databricks": DatabricksClientResource(
+            host=dg.EnvVar("DATABRICKS_HOST"), token=dg.EnvVar("DATABRICKS_TOKEN")
+        ),
         "existing_cluster_id": "0101-010101-loopback",
         "poll_initial_seconds": 0.02,
         "poll_max_seconds": 0.2,

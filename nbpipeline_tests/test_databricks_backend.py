@@ -23,6 +23,7 @@ from typing import Any
 import dagster as dg
 import pytest
 from dagster._core.remote_representation.external_data import RepositorySnap
+from dagster_databricks import DatabricksClientResource
 from dagster_shared.serdes import serialize_value
 
 try:
@@ -170,14 +171,23 @@ def test_from_env_binds_env_vars_and_picks_compute(
 ) -> None:
     backend = DatabricksNotebookBackend.from_env()
     assert backend.serverless is True
-    config = backend._resolved_config_dict
+    # Credentials live in dagster-databricks' own resource, bound to the variables by name.
+    assert isinstance(backend.databricks, DatabricksClientResource)
+    config = backend.databricks._resolved_config_dict
     assert config["host"] == {"env": "DATABRICKS_HOST"}
     assert config["token"] == {"env": "DATABRICKS_TOKEN"}
     monkeypatch.setenv("DATABRICKS_CLUSTER_ID", "0101-xyz")
     backend = DatabricksNotebookBackend.from_env()
     assert backend._compute() == {"existing_cluster_id": "0101-xyz"}
     monkeypatch.delenv("DATABRICKS_TOKEN")
-    assert "token" not in DatabricksNotebookBackend.from_env()._resolved_config_dict
+    assert "token" not in DatabricksNotebookBackend.from_env().databricks._resolved_config_dict
+    monkeypatch.setenv("DATABRICKS_CLIENT_ID", "sp-id")
+    monkeypatch.setenv("DATABRICKS_CLIENT_SECRET", "sp-secret")
+    oauth = DatabricksNotebookBackend.from_env().databricks._resolved_config_dict
+    assert oauth["oauth_credentials"] == {
+        "client_id": {"env": "DATABRICKS_CLIENT_ID"},
+        "client_secret": {"env": "DATABRICKS_CLIENT_SECRET"},
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -676,9 +686,9 @@ def test_canary_token_never_appears_in_logs_errors_output_or_dagster_config(
     texts += [str(failed.value), repr(failed.value), failed.value.traceback_text or ""]
 
     # Dagster keeps only the variable name, in the resource config and in what the UI shows.
-    config = backend._resolved_config_dict
+    config = backend.databricks._resolved_config_dict
     assert config["token"] == {"env": "DATABRICKS_TOKEN"}
-    defs = dg.Definitions(resources={"notebook_backend": backend})
+    defs = dg.Definitions(resources={"notebook_backend": backend, "databricks": backend.databricks})
     snap = RepositorySnap.from_def(defs.get_repository_def())
     texts.append(serialize_value(snap))
     texts.append(json.dumps(config))
@@ -935,3 +945,26 @@ def test_notebooks_sync_once_per_dagster_run_across_step_processes(
     assert len(loopback.requests_to("/workspace/import")) == notebooks
     assert len(loopback.requests_to("/workspace/export")) == 0  # new folder: nothing to compare
     assert len(loopback.requests_to("/workspace/get-status")) == notebooks
+
+
+def test_ui_resource_view_shows_the_databricks_client_resource(
+    loopback: LoopbackDatabricks, monkeypatch
+) -> None:
+    from dagster._core.remote_representation.external_data import ResourceConfigEnvVarSnap
+
+    from nbpipeline.resources import resource_defs
+
+    monkeypatch.setenv("NBPIPELINE_BACKEND", "databricks")
+    resources = resource_defs()
+    assert isinstance(resources["databricks"], DatabricksClientResource)
+    assert resources["notebook_backend"].databricks is resources["databricks"]
+    defs = dg.Definitions(resources=resources)
+    snaps = {r.name: r for r in RepositorySnap.from_def(defs.get_repository_def()).resources}
+    client = snaps["databricks"]
+    assert client.configured_values["host"] == ResourceConfigEnvVarSnap(name="DATABRICKS_HOST")
+    assert client.configured_values["token"] == ResourceConfigEnvVarSnap(name="DATABRICKS_TOKEN")
+    nested = snaps["notebook_backend"].nested_resources["databricks"]
+    assert nested.name == "databricks" and nested.type.value == "TOP_LEVEL"
+    # And the backend really talks to the workspace through it.
+    run = resources["notebook_backend"].run_notebook("Notebook1", PARAMS)
+    assert run.engine == loopback.host

@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 
 import dagster as dg
 import requests
+from dagster_databricks import DatabricksClientResource
 from databricks.sdk import WorkspaceClient
 from databricks.sdk.errors import DatabricksError, NotFound
 from databricks.sdk.service import compute, jobs
@@ -154,22 +155,74 @@ def resolve_workspace_dir(ws: WorkspaceClient, folder: str) -> str:
     return folder.replace("{user}", me.user_name)
 
 
-def make_workspace_client(
-    host: str, token: str | None, *, retry_timeout_seconds: int | None = None
-) -> WorkspaceClient:
-    """Build an authenticated SDK client through dagster-databricks' `DatabricksClient`.
+def client_resource_from_env() -> Any:
+    """dagster-databricks' `DatabricksClientResource` bound to the environment with `dg.EnvVar`:
+    DATABRICKS_TOKEN (PAT), else DATABRICKS_CLIENT_ID/SECRET (OAuth M2M), else the Databricks
+    SDK's unified auth (a ~/.databrickscfg profile, Azure CLI, ...)."""
+    from dagster_databricks import DatabricksClientResource
+    from dagster_databricks.resources import OauthCredentials
+    from databricks.sdk.credentials_provider import DefaultCredentials
 
-    With a token this is PAT auth; without one the SDK's default (unified) credential chain runs.
-    Errors from the SDK's config mask sensitive attributes (`token=***`), so they can be shown.
+    kwargs: dict[str, Any] = {"host": dg.EnvVar(HOST_ENV)}
+    if os.environ.get(TOKEN_ENV):
+        kwargs["token"] = dg.EnvVar(TOKEN_ENV)
+    elif os.environ.get("DATABRICKS_CLIENT_ID") and os.environ.get("DATABRICKS_CLIENT_SECRET"):
+        kwargs["oauth_credentials"] = OauthCredentials(
+            client_id=dg.EnvVar("DATABRICKS_CLIENT_ID"),
+            client_secret=dg.EnvVar("DATABRICKS_CLIENT_SECRET"),
+        )
+    else:
+        kwargs["credentials_strategy"] = DefaultCredentials()
+    return DatabricksClientResource(**kwargs)
+
+
+def _resolved_resource(resource: Any, host: str) -> Any:
+    """The resource with EnvVar fields looked up (outside a Dagster run they are still names)."""
+    from dagster_databricks import DatabricksClientResource
+    from dagster_databricks.resources import OauthCredentials
+    from databricks.sdk.credentials_provider import DefaultCredentials
+
+    oauth = resource.oauth_credentials
+    if oauth is not None:
+        oauth = OauthCredentials(
+            client_id=str(_peek(oauth.client_id)), client_secret=str(_peek(oauth.client_secret))
+        )
+    token = _peek(resource.token)
+    strategy = resource.credentials_strategy
+    if not token and oauth is None and resource.azure_credentials is None and strategy is None:
+        strategy = DefaultCredentials()  # no credentials configured: the SDK's unified auth
+    return DatabricksClientResource(
+        host=host,
+        token=str(token) if token else None,
+        oauth_credentials=oauth,
+        azure_credentials=resource.azure_credentials,
+        credentials_strategy=strategy,
+    )
+
+
+def make_workspace_client(
+    host: str,
+    token: str | None,
+    *,
+    retry_timeout_seconds: int | None = None,
+    resource: Any = None,
+) -> WorkspaceClient:
+    """The one place an SDK client is built: through dagster-databricks' `DatabricksClientResource`
+    (`resource`, or one made from `host` and `token`).
+
+    With a token this is PAT auth; without credentials the SDK's unified auth runs. Errors from
+    the SDK's config mask sensitive attributes (`token=***`), so they can be shown.
 
     `retry_timeout_seconds` bounds how long the SDK retries transient failures (429/503,
     refused connections). Its default is 300 s, so a mistyped host would otherwise hang for five
-    minutes; the client is rebuilt from DatabricksClient's config with the bound applied.
+    minutes; the client is rebuilt from the resource's config with the bound applied.
     """
-    from dagster_databricks import DatabricksClient
+    from dagster_databricks import DatabricksClientResource
 
+    if resource is None:
+        resource = DatabricksClientResource(host=host, token=token or None)
     try:
-        client = DatabricksClient(host=host, token=token or None).workspace_client
+        client = _resolved_resource(resource, host).get_client().workspace_client
         if retry_timeout_seconds is None:
             return client
         config = client.config
@@ -193,7 +246,7 @@ def workspace_client_from_env(
         )
     host = normalize_host(raw, field=HOST_ENV)
     return host, make_workspace_client(
-        host, os.environ.get(TOKEN_ENV) or None, retry_timeout_seconds=retry_timeout_seconds
+        host, None, retry_timeout_seconds=retry_timeout_seconds, resource=client_resource_from_env()
     )
 
 
@@ -661,20 +714,13 @@ class DatabricksNotebookBackend(NotebookBackend):
     `dg.EnvVar`, so neither value is written into Dagster config, run config or the UI.
     """
 
-    host: str = Field(
+    databricks: DatabricksClientResource = Field(
         description=(
-            "Workspace URL, e.g. https://adb-1234.5.azuredatabricks.net. Bind it with "
-            "dg.EnvVar('DATABRICKS_HOST') so only the variable name is stored in Dagster."
+            "dagster-databricks' DatabricksClientResource: the workspace URL and credentials. "
+            "Bind host and token with dg.EnvVar('DATABRICKS_HOST') / dg.EnvVar('DATABRICKS_TOKEN') "
+            "(or OAuth client id and secret) so Dagster stores and shows only the variable names; "
+            "`from_env` does. Without credentials the Databricks SDK's unified auth finds them."
         )
-    )
-    token: str | None = Field(
-        default=None,
-        description=(
-            "Personal access token. Bind it with dg.EnvVar('DATABRICKS_TOKEN'), never as a literal, "
-            "so Dagster stores and shows only the variable name. Leave unset to let the Databricks "
-            "SDK's unified auth find credentials (DATABRICKS_CLIENT_ID/SECRET for OAuth M2M, a "
-            "~/.databrickscfg profile, Azure CLI, ...)."
-        ),
     )
     workspace_dir: str = Field(
         default=DEFAULT_WORKSPACE_DIR,
@@ -760,7 +806,8 @@ class DatabricksNotebookBackend(NotebookBackend):
         """
         if not isinstance(values, dict):
             return values
-        raw_host = values.get("host")
+        resource = values.get("databricks")
+        raw_host = getattr(resource, "host", None)
         host = _peek(raw_host)
         if not host:
             env = _env_name(raw_host)
@@ -770,7 +817,7 @@ class DatabricksNotebookBackend(NotebookBackend):
                 hint=f"export {HOST_ENV}=https://<workspace>",
             )
         normalize_host(str(host), field="host")
-        raw_token = values.get("token")
+        raw_token = getattr(resource, "token", None)
         if isinstance(raw_token, dg.EnvVar) and not raw_token.get_value():
             raise ConfigError(
                 f"token: environment variable {raw_token.env_var_name} is not set",
@@ -817,15 +864,13 @@ class DatabricksNotebookBackend(NotebookBackend):
 
     @classmethod
     def from_env(cls, **overrides: Any) -> DatabricksNotebookBackend:
-        """The resource as nbpipeline binds it: host/token via dg.EnvVar, compute from the env.
+        """The resource as nbpipeline binds it: credentials through `client_resource_from_env`
+        (dg.EnvVar), compute from the environment.
 
         Compute, unless given in `overrides`: DATABRICKS_CLUSTER_ID (an existing cluster) if set,
-        else serverless. The token is bound only if DATABRICKS_TOKEN is set (checked, not read);
-        otherwise the SDK's unified auth finds credentials itself.
+        else serverless.
         """
-        kwargs: dict[str, Any] = {"host": dg.EnvVar(HOST_ENV)}
-        if os.environ.get(TOKEN_ENV):
-            kwargs["token"] = dg.EnvVar(TOKEN_ENV)
+        kwargs: dict[str, Any] = {"databricks": client_resource_from_env()}
         if os.environ.get(WORKSPACE_DIR_ENV):
             kwargs["workspace_dir"] = dg.EnvVar(WORKSPACE_DIR_ENV)
         if not {"existing_cluster_id", "new_cluster", "serverless"} & overrides.keys():
@@ -986,7 +1031,7 @@ class DatabricksNotebookBackend(NotebookBackend):
     # -- internals ------------------------------------------------------------------------------
 
     def _host(self) -> str:
-        return normalize_host(str(_peek(self.host) or ""), field="host")
+        return normalize_host(str(_peek(self.databricks.host) or ""), field="host")
 
     def _workspace_dir(self) -> str:
         folder = check_workspace_dir(str(_peek(self.workspace_dir) or DEFAULT_WORKSPACE_DIR))
@@ -1006,11 +1051,11 @@ class DatabricksNotebookBackend(NotebookBackend):
         # assets may call run_notebook from several threads at once.
         client = getattr(self._clients, "client", None)
         if client is None:
-            token = _peek(self.token)
             client = make_workspace_client(
                 self._host(),
-                str(token) if token else None,
+                None,
                 retry_timeout_seconds=self.retry_timeout_seconds,
+                resource=self.databricks,
             )
             self._clients.client = client
         return client
