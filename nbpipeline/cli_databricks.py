@@ -29,7 +29,6 @@ from nbpipeline.backends.databricks import (
     workspace_client_from_env,
 )
 from nbpipeline.databricks_jobs import (
-    DEFAULT_HIGH_VALUE_THRESHOLD,
     DEFAULT_NODE_TYPES,
     JOB_NAMES,
     LAYOUTS,
@@ -78,7 +77,7 @@ def add_subcommands(subparsers: Any) -> None:
     group.add_argument(
         "--high-value-threshold",
         metavar="AMOUNT",
-        help=f"Notebook4's high_value_threshold widget (default {DEFAULT_HIGH_VALUE_THRESHOLD})",
+        help="Notebook4's high_value_threshold widget (default: the notebook's own default)",
     )
     group.add_argument(
         "--layout",

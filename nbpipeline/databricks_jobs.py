@@ -32,6 +32,7 @@ import dagster as dg
 from databricks.sdk import WorkspaceClient
 from databricks.sdk.service import jobs
 
+from nbpipeline import settings as nb_settings
 from nbpipeline.backends.base import NOTEBOOK_NAMES
 from nbpipeline.backends.databricks import (
     API_ERRORS,
@@ -57,6 +58,7 @@ from nbpipeline.backends.databricks import (
     workspace_notebooks,
 )
 from nbpipeline.errors import ConfigError, NbPipelineError, NotebookError, NotebookTimeout
+from nbpipeline.runtime import declared_widgets
 from nbpipeline.settings import DEFAULT_SOURCE_TABLE
 
 _LOG = logging.getLogger("nbpipeline.databricks_jobs")
@@ -68,7 +70,6 @@ JOB_CLUSTER_KEY = "nbpipeline_cluster"
 DEFAULT_SPARK_VERSION = "17.3.x-scala2.13"
 SPARK_VERSION_ENV = "NBPIPELINE_DATABRICKS_SPARK_VERSION"
 NODE_TYPE_ENV = "NBPIPELINE_DATABRICKS_NODE_TYPE_ID"
-DEFAULT_HIGH_VALUE_THRESHOLD = "1000.00"
 
 
 # --------------------------------------------------------------------------------------------
@@ -389,7 +390,7 @@ class JobOptions:
     workspace_dir: str = USER_WORKSPACE_DIR
     source_table: str = DEFAULT_SOURCE_TABLE
     target_schema: str = ""
-    high_value_threshold: str = DEFAULT_HIGH_VALUE_THRESHOLD
+    high_value_threshold: str = ""  # empty: Notebook4's own widget default
     cron: str | None = None  # the comparison job's schedule
     crons: tuple[tuple[str, str], ...] = ()  # (job key, cron) for the other jobs
     timezone: str = "UTC"
@@ -439,6 +440,12 @@ class JobOptions:
     def validated(self) -> JobOptions:
         from nbpipeline.assets import validate_widget_values
 
+        if not str(self.high_value_threshold).strip():
+            # The notebook's own default, read from its source: one value, not a copy of it.
+            defaults = declared_widgets(nb_settings.notebooks_dir() / "Notebook4.py")
+            if "high_value_threshold" not in defaults:
+                raise ConfigError("Notebook4 declares no high_value_threshold widget")
+            return replace(self, high_value_threshold=defaults["high_value_threshold"]).validated()
         validate_widget_values(
             {
                 "source_table": self.source_table,

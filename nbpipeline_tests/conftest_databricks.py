@@ -57,8 +57,13 @@ def write_notebooks(folder: Path) -> Path:
             "# Databricks notebook source\n"
             "# MAGIC %run ./_common\n\n"
             "# COMMAND ----------\n\n"
-            f'dbutils.widgets.text("source_table", "nbpipeline.orders")\n'
-            f'dbutils.notebook.exit(json.dumps({{"notebook": "{name}", "tables": []}}))\n'
+            'dbutils.widgets.text("source_table", "nbpipeline.orders")\n'
+            + (
+                'dbutils.widgets.text("high_value_threshold", "1000.00")\n'
+                if name == "Notebook4"
+                else ""
+            )
+            + f'dbutils.notebook.exit(json.dumps({{"notebook": "{name}", "tables": []}}))\n'
         )
     for name in ("SequentialOrchestration", "ParallelOrchestration", "PinSourceVersion"):
         (folder / f"{name}.py").write_text(

@@ -926,3 +926,21 @@ def test_live_comparison_job_reports_child_runs() -> None:
     seq, par = report.orchestration_parts()
     assert sorted(t.task_key for t in seq.notebook_timings()) == list(NOTEBOOK_NAMES)
     assert sorted(t.task_key for t in par.notebook_timings()) == list(NOTEBOOK_NAMES)
+
+
+def test_widget_values_follow_the_one_rule_and_the_notebooks_default(
+    databricks_env, capsys
+) -> None:
+    # No default of its own: Notebook4's widget default is what deploy writes.
+    nb4 = databricks_env / "Notebook4.py"
+    nb4.write_text(nb4.read_text().replace('"1000.00"', '"250.50"'))
+    out = _dry_run(capsys)
+    params = out["parallel"]["tasks"][3]["notebook_task"]["base_parameters"]
+    assert params["high_value_threshold"] == "250.50"
+    # The same rule as run config and the notebook (at most 6 decimals), for deploy and bundle.
+    for command in ("deploy", "bundle"):
+        extra = ["--out", str(databricks_env.parent / "b")] if command == "bundle" else []
+        with pytest.raises(ConfigError, match="invalid high_value_threshold '1000.1234567'"):
+            _cli("databricks", command, *extra, "--high-value-threshold", "1000.1234567")
+        with pytest.raises(ConfigError, match="invalid target_schema"):
+            _cli("databricks", command, *extra, "--target-schema", "a b")
