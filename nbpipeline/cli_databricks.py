@@ -1,4 +1,4 @@
-"""`nbpipeline databricks ...`: deploy, diff and run the Databricks-native jobs.
+"""`nbpipeline databricks ...`: deploy, diff, bundle and run the Databricks-native jobs.
 
 The main CLI calls `add_subcommands(subparsers)`; every leaf parser sets `func(args) -> int`.
 Errors are raised as `NbPipelineError` subclasses; the main CLI prints them and exits 2.
@@ -51,7 +51,10 @@ def add_subcommands(subparsers: Any) -> None:
         "databricks",
         help="deploy, diff and run the Databricks-native jobs",
         description=(
-            "Manage the Databricks-native jobs nbpipeline-sequential and nbpipeline-parallel. "
+            "Manage the Databricks-native jobs: nbpipeline-sequential and nbpipeline-parallel "
+            "(the notebooks as job tasks), nbpipeline-orchestration-sequential and "
+            "nbpipeline-orchestration-parallel (the orchestration notebooks), and "
+            "nbpipeline-comparison (both orchestrations on one source version). "
             "Needs DATABRICKS_HOST and credentials (DATABRICKS_TOKEN or another Databricks SDK "
             "auth method), except for `deploy --dry-run`."
         ),
@@ -162,8 +165,8 @@ def add_subcommands(subparsers: Any) -> None:
     p_deploy = commands.add_parser(
         "deploy",
         parents=[settings],
-        help="upload the notebooks and create or update both jobs",
-        description="Upload changed notebooks, then create or fully replace both jobs (by name).",
+        help="upload the notebooks and create or update the jobs",
+        description="Upload changed notebooks, then create or fully replace the jobs (by name).",
     )
     p_deploy.add_argument(
         "--dry-run",
@@ -177,7 +180,10 @@ def add_subcommands(subparsers: Any) -> None:
         "diff",
         parents=[settings],
         help="show how the deployed jobs differ from what deploy would write",
-        description="Exit status: 0 if both jobs are up to date, 1 if deploy would change something.",
+        description=(
+            "Exit status: 0 if every job is up to date and the workspace notebooks are what it "
+            "was deployed with, 1 otherwise."
+        ),
     )
     p_diff.add_argument("--json", action="store_true", help="machine-readable output")
     p_diff.set_defaults(func=cmd_diff)
@@ -391,7 +397,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
 
 @_api_errors
 def cmd_diff(args: argparse.Namespace) -> int:
-    """`databricks diff`: 0 when both jobs match what deploy would write, 1 otherwise."""
+    """`databricks diff`: 0 when every job matches what deploy would write, 1 otherwise."""
     options = _options(args)
     _, ws = _client()
     diffs = diff_jobs(ws, options, _modes(args, options))

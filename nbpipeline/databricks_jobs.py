@@ -981,6 +981,7 @@ class DeployResult:
         uploaded = [n for n, s in self.notebooks.items() if s == "uploaded"]
         lines = [
             f"notebooks: {len(uploaded)} uploaded, {len(self.notebooks) - len(uploaded)} unchanged"
+            + (f" in {self.workspace_dir}" if self.workspace_dir else "")
         ]
         for job in self.jobs:
             line = f"{job['action']} {job['name']} (job {job['job_id']})"
