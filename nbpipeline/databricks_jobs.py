@@ -1073,6 +1073,7 @@ class TaskTiming:
     # Orchestration tasks: the notebook runs they started (dbutils.notebook.run), from their own
     # run records; offsets are from the job run's start.
     children: list[TaskTiming] = field(default_factory=list)
+    attempts: int = 1  # more than 1: the task was retried (start is its first attempt's)
 
 
 @dataclass
@@ -1178,6 +1179,8 @@ class JobRunReport:
                 f"{t.task_key:<24} {(t.result or t.state):<16} {start:>8} "
                 f"{t.setup_s:>7.1f}s {t.execution_s:>9.1f}s {t.cleanup_s:>7.1f}s {end:>8}"
             )
+            if t.attempts > 1:
+                lines.append(f"{'':<24} {t.attempts} attempts (retried)")
             if t.error:
                 lines.append(f"{'':<24} error: {t.error}")
         return "\n".join(lines)
@@ -1257,10 +1260,27 @@ def job_run_report(ws: WorkspaceClient, mode: str, job_id: int, run: jobs.Run) -
     end_ms = run.end_time or 0
     tasks = []
     # In start order; tasks that never started go last, in the job's own order.
-    order = {id(t): i for i, t in enumerate(run.tasks or [])}
+    # A retried task (max_retries) is listed once per attempt; its last attempt is its outcome,
+    # and the time it took is from its first attempt's start.
+    latest: dict[str, jobs.RunTask] = {}
+    first_start: dict[str, int] = {}
+    attempts: dict[str, int] = {}
+    for task in run.tasks or []:
+        key = task.task_key or "?"
+        attempts[key] = attempts.get(key, 0) + 1
+        if task.start_time:
+            first_start[key] = min(first_start.get(key, task.start_time), task.start_time)
+        if key not in latest or (task.attempt_number or 0) >= (latest[key].attempt_number or 0):
+            latest[key] = task
+    order = {id(t): i for i, t in enumerate(latest.values())}
     never = float("inf")
-    for task in sorted(run.tasks or [], key=lambda t: (t.start_time or never, order[id(t)])):
+    for task in sorted(latest.values(), key=lambda t: (t.start_time or never, order[id(t)])):
         timing = _task_timing(ws, task, start_ms)
+        key = task.task_key or "?"
+        if attempts[key] > 1:
+            timing.attempts = attempts[key]
+            if key in first_start and start_ms:
+                timing.start_offset_s = _offset(first_start[key], start_ms)
         if task.task_key in ("SequentialOrchestration", "ParallelOrchestration"):
             timing.children = child_runs(ws, task, start_ms)
         tasks.append(timing)

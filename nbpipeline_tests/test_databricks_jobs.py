@@ -41,6 +41,7 @@ from nbpipeline.databricks_jobs import (
     cron_to_quartz,
     deploy,
     diff_settings,
+    job_run_report,
     prepared,
     run_job,
 )
@@ -944,3 +945,45 @@ def test_widget_values_follow_the_one_rule_and_the_notebooks_default(
             _cli("databricks", command, *extra, "--high-value-threshold", "1000.1234567")
         with pytest.raises(ConfigError, match="invalid target_schema"):
             _cli("databricks", command, *extra, "--target-schema", "a b")
+
+
+def test_a_retried_task_is_one_timing_with_its_last_outcome(databricks_env) -> None:
+    """A task retried after a Delta conflict is listed once per attempt in the run record."""
+    from databricks.sdk.service import jobs
+
+    def task(attempt: int, start: int, end: int, result: str) -> dict[str, Any]:
+        return {
+            "task_key": "Notebook2",
+            "run_id": 20 + attempt,
+            "attempt_number": attempt,
+            "start_time": start,
+            "end_time": end,
+            "execution_duration": end - start,
+            "state": {"life_cycle_state": "TERMINATED", "result_state": result},
+        }
+
+    run = jobs.Run.from_dict(
+        {
+            "run_id": 10,
+            "start_time": 1_000_000,
+            "end_time": 1_090_000,
+            "run_duration": 90_000,
+            "state": {"life_cycle_state": "TERMINATED", "result_state": "SUCCESS"},
+            "tasks": [
+                task(0, 1_000_000, 1_010_000, "FAILED"),
+                task(1, 1_070_000, 1_090_000, "SUCCESS"),
+            ],
+        }
+    )
+
+    class _NoOutput:
+        class jobs:  # noqa: N801 - stands in for ws.jobs
+            @staticmethod
+            def get_run_output(_run_id: int) -> Any:
+                raise AssertionError("a succeeded task needs no error lookup")
+
+    report = job_run_report(_NoOutput(), "parallel", 1, run)  # type: ignore[arg-type]
+    (timing,) = report.tasks
+    assert timing.result == "SUCCESS" and timing.attempts == 2
+    assert timing.start_offset_s == 0.0 and timing.end_offset_s == 90.0
+    assert "2 attempts (retried)" in report.format_text()
