@@ -1,11 +1,13 @@
 """Run the project's notebooks on a Databricks workspace.
 
 `DatabricksNotebookBackend` is the Databricks implementation of `NotebookBackend`: it keeps a
-workspace folder in step with the local notebooks, submits one-time runs (`jobs/runs/submit`) with
-the widget values as `base_parameters`, waits for them with adaptive polling, and returns the
-notebook's `dbutils.notebook.exit` JSON.
+per-user workspace folder in step with the local notebooks (once per Dagster run), submits
+one-time runs (`jobs/runs/submit`) with the widget values as `base_parameters`, waits for them
+with adaptive polling, and returns the notebook's `dbutils.notebook.exit` JSON unchanged. A run it
+loses track of is cancelled, or found live and re-attached to by the next attempt.
 
-Secrets: the host and token are read from the environment (`dg.EnvVar("DATABRICKS_HOST")`,
+Secrets: credentials come through dagster-databricks' `DatabricksClientResource`, whose host and
+token are read from the environment (`dg.EnvVar("DATABRICKS_HOST")`,
 `dg.EnvVar("DATABRICKS_TOKEN")`), so Dagster only ever stores and shows the variable *names*. The
 token itself is handed to the Databricks SDK and to nothing else: no log line, exception or
 `NotebookRun` built here contains it. With no token configured the SDK's unified auth finds
@@ -347,7 +349,7 @@ def sync_notebooks(
     text, not by a hash remembered somewhere. The workspace is the source of truth: a notebook
     edited in the Databricks UI, or uploaded from another machine or CI, is detected and
     restored, which a local hash file could not see; and there is no state to lose or go stale.
-    The cost is one small export per notebook per sync, which happens once per process.
+    The cost is one small export per notebook per sync, which happens once per Dagster run.
     """
     logger = log or _LOG
     try:
@@ -401,8 +403,8 @@ def _remote_matches(ws: WorkspaceClient, path: str, content: bytes) -> bool:
     return _normalized_source(remote) == _normalized_source(content)
 
 
-# One sync per (workspace, folder, local content) per process: four assets starting at once must
-# not upload four times, and later runs in a long-lived process skip the exports entirely.
+# One sync per (workspace, folder, local content) per process, on top of the once-per-run marker:
+# four assets starting at once in one process must not upload four times.
 _SYNC_LOCK = threading.Lock()
 _SYNCED: dict[tuple[str, str], str] = {}
 
