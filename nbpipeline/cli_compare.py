@@ -21,10 +21,11 @@ def add_subcommands(subparsers: Any) -> None:
     p.add_argument("--runs", nargs=2, metavar=("A", "B"), help="two Dagster run ids")
     p.add_argument(
         "--databricks-runs",
-        nargs=2,
+        nargs="+",
         type=int,
-        metavar=("SEQ", "PAR"),
-        help="two Databricks job run ids (of `nbpipeline databricks run sequential|parallel`)",
+        metavar="RUN_ID",
+        help="Databricks job run ids: one run of nbpipeline-comparison, or a sequential and a "
+        "parallel run of any nbpipeline job (`nbpipeline databricks run ...`)",
     )
     p.add_argument("--source-version", help="pair runs on this source version (default: newest)")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -48,16 +49,15 @@ def add_subcommands(subparsers: Any) -> None:
     p.set_defaults(func=cmd_bench)
 
 
-def _databricks_pair(seq: int, par: int):
+def _databricks_pair(*run_ids: int):
     from nbpipeline import comparison, databricks_jobs
     from nbpipeline.cli_databricks import _client
 
+    if len(run_ids) > 2:
+        raise ConfigError("--databricks-runs takes one comparison run id or two run ids")
     _, ws = _client()
-    timings = []
-    for mode, run_id in (("sequential", seq), ("parallel", par)):
-        run = ws.jobs.get_run(run_id)
-        report = databricks_jobs.job_run_report(ws, mode, int(run.job_id or 0), run)
-        timings.append(comparison.timing_from_databricks(report))
+    reports = databricks_jobs.comparison_reports(ws, run_ids)
+    timings = [comparison.timing_from_databricks(r) for r in reports]
     return comparison.Comparison(sequential=timings[0], parallel=timings[1])
 
 

@@ -1,4 +1,4 @@
-"""`nbpipeline databricks ...`: deploy, diff and run the Databricks-native jobs.
+"""`nbpipeline databricks ...`: deploy, diff, bundle and run the Databricks-native jobs.
 
 The main CLI calls `add_subcommands(subparsers)`; every leaf parser sets `func(args) -> int`.
 Errors are raised as `NbPipelineError` subclasses; the main CLI prints them and exits 2.
@@ -16,6 +16,8 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from databricks.sdk import WorkspaceClient
@@ -27,15 +29,18 @@ from nbpipeline.backends.databricks import (
     workspace_client_from_env,
 )
 from nbpipeline.databricks_jobs import (
-    DEFAULT_HIGH_VALUE_THRESHOLD,
+    DEFAULT_NODE_TYPES,
     JOB_NAMES,
+    LAYOUTS,
     MODES,
     JobOptions,
     all_job_settings,
     deploy,
     diff_jobs,
     failure_error,
+    prepared,
     run_job,
+    write_bundle,
 )
 from nbpipeline.errors import ConfigError, NbPipelineError
 
@@ -46,7 +51,10 @@ def add_subcommands(subparsers: Any) -> None:
         "databricks",
         help="deploy, diff and run the Databricks-native jobs",
         description=(
-            "Manage the Databricks-native jobs nbpipeline-sequential and nbpipeline-parallel. "
+            "Manage the Databricks-native jobs: nbpipeline-sequential and nbpipeline-parallel "
+            "(the notebooks as job tasks), nbpipeline-orchestration-sequential and "
+            "nbpipeline-orchestration-parallel (the orchestration notebooks), and "
+            "nbpipeline-comparison (both orchestrations on one source version). "
             "Needs DATABRICKS_HOST and credentials (DATABRICKS_TOKEN or another Databricks SDK "
             "auth method), except for `deploy --dry-run`."
         ),
@@ -58,8 +66,8 @@ def add_subcommands(subparsers: Any) -> None:
     group.add_argument(
         "--workspace-dir",
         metavar="PATH",
-        help="workspace folder for the notebooks (default /Shared/nbpipeline, "
-        "or $NBPIPELINE_DATABRICKS_WORKSPACE_DIR)",
+        help="workspace folder for the notebooks (default /Users/<you>/nbpipeline, "
+        "or $NBPIPELINE_DATABRICKS_WORKSPACE_DIR; /Shared/... only if you ask for it)",
     )
     group.add_argument(
         "--source-table", metavar="TABLE", help="source_table widget (default nbpipeline.orders)"
@@ -72,13 +80,33 @@ def add_subcommands(subparsers: Any) -> None:
     group.add_argument(
         "--high-value-threshold",
         metavar="AMOUNT",
-        help=f"Notebook4's high_value_threshold widget (default {DEFAULT_HIGH_VALUE_THRESHOLD})",
+        help="Notebook4's high_value_threshold widget (default: the notebook's own default)",
+    )
+    group.add_argument(
+        "--layout",
+        choices=(*LAYOUTS, "all"),
+        default="all",
+        help="which jobs: task-graph (nbpipeline-sequential/-parallel), orchestration (the "
+        "orchestration notebooks' jobs and nbpipeline-comparison), or all (default)",
+    )
+    group.add_argument(
+        "--only", choices=MODES, help="just this job (by default every job of --layout)"
+    )
+    group.add_argument(
+        "--compute",
+        metavar="KIND",
+        default="serverless",
+        help="serverless (default), job-cluster, or existing:<cluster-id>",
     )
     group.add_argument(
         "--spark-version", metavar="VERSION", help="job cluster runtime (default 17.3.x-scala2.13)"
     )
     group.add_argument(
-        "--node-type-id", metavar="TYPE", help="job cluster node type (default i3.xlarge)"
+        "--node-type-id",
+        metavar="TYPE",
+        help="job cluster node type (default by the workspace's cloud: "
+        + ", ".join(f"{c} {t}" for c, t in DEFAULT_NODE_TYPES.items())
+        + ")",
     )
     group.add_argument(
         "--num-workers", metavar="N", type=int, help="job cluster workers (default 1)"
@@ -86,18 +114,21 @@ def add_subcommands(subparsers: Any) -> None:
     group.add_argument(
         "--cron",
         metavar="EXPR",
-        help="schedule as a standard 5-field cron, e.g. '30 6 * * MON-FRI' (converted to Quartz)",
+        help="schedule the comparison job (sequential, then parallel orchestration, on one "
+        "source version) as a standard 5-field cron, e.g. '30 6 * * MON-FRI'",
     )
+    for key in ("sequential", "parallel", "orchestration-sequential", "orchestration-parallel"):
+        group.add_argument(
+            f"--cron-{key}",
+            metavar="EXPR",
+            dest=f"cron_{key.replace('-', '_')}",
+            help=f"schedule {JOB_NAMES[key]} (never at the same minute as another job)",
+        )
     group.add_argument(
         "--timezone",
         metavar="TZ",
         default="UTC",
-        help="IANA time zone of the schedule (default UTC)",
-    )
-    group.add_argument(
-        "--only",
-        choices=MODES,
-        help="just this job (by default both); e.g. to schedule only the sequential one",
+        help="IANA time zone of the schedules (default UTC)",
     )
     pause = group.add_mutually_exclusive_group()
     pause.add_argument(
@@ -105,17 +136,37 @@ def add_subcommands(subparsers: Any) -> None:
         dest="paused",
         action="store_true",
         default=True,
-        help="create the schedule paused (default)",
+        help="create the schedules paused (default)",
     )
     pause.add_argument(
-        "--unpaused", dest="paused", action="store_false", help="create the schedule active"
+        "--unpaused", dest="paused", action="store_false", help="create the schedules active"
+    )
+    group.add_argument(
+        "--notify",
+        metavar="EMAIL",
+        action="append",
+        default=[],
+        help="e-mail this address when a run fails (repeatable)",
+    )
+    group.add_argument(
+        "--run-as",
+        metavar="WHO",
+        help="run the jobs as this user (e-mail) or service principal (application id)",
+    )
+    group.add_argument(
+        "--param",
+        metavar="NAME=VALUE",
+        action="append",
+        default=[],
+        help="a job parameter with its default (repeatable); Databricks passes job parameters "
+        "to every notebook task as widget values",
     )
 
     p_deploy = commands.add_parser(
         "deploy",
         parents=[settings],
-        help="upload the notebooks and create or update both jobs",
-        description="Upload changed notebooks, then create or fully replace both jobs (by name).",
+        help="upload the notebooks and create or update the jobs",
+        description="Upload changed notebooks, then create or fully replace the jobs (by name).",
     )
     p_deploy.add_argument(
         "--dry-run",
@@ -129,10 +180,29 @@ def add_subcommands(subparsers: Any) -> None:
         "diff",
         parents=[settings],
         help="show how the deployed jobs differ from what deploy would write",
-        description="Exit status: 0 if both jobs are up to date, 1 if deploy would change something.",
+        description=(
+            "Exit status: 0 if every job is up to date and the workspace notebooks are what it "
+            "was deployed with, 1 otherwise."
+        ),
     )
     p_diff.add_argument("--json", action="store_true", help="machine-readable output")
     p_diff.set_defaults(func=cmd_diff)
+
+    p_bundle = commands.add_parser(
+        "bundle",
+        parents=[settings],
+        help="write a Databricks Asset Bundle (databricks.yml) with the notebooks and the jobs",
+        description=(
+            "Write a Databricks Asset Bundle to --out: databricks.yml with dev and prod targets, "
+            "the notebooks under src/, and the same jobs as deploy under resources/. Deploy it "
+            "with the Databricks CLI: databricks bundle deploy -t dev. Needs no credentials."
+        ),
+    )
+    p_bundle.add_argument("--out", metavar="DIR", required=True, help="folder to write into")
+    p_bundle.add_argument(
+        "--host", metavar="URL", help="workspace URL for the targets (default $DATABRICKS_HOST)"
+    )
+    p_bundle.set_defaults(func=cmd_bundle)
 
     p_run = commands.add_parser(
         "run",
@@ -168,18 +238,39 @@ def add_subcommands(subparsers: Any) -> None:
     p_run.set_defaults(func=cmd_run)
 
 
+def _pairs(values: list[str], what: str) -> tuple[tuple[str, str], ...]:
+    out = []
+    for item in values:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"invalid {what} {item!r}: expected NAME=VALUE")
+        out.append((name.strip(), value))
+    return tuple(out)
+
+
 def _options(args: argparse.Namespace) -> JobOptions:
+    crons = tuple(
+        (key, value)
+        for key in ("sequential", "parallel", "orchestration-sequential", "orchestration-parallel")
+        if (value := getattr(args, f"cron_{key.replace('-', '_')}", None)) is not None
+    )
     return JobOptions.from_env(
         workspace_dir=args.workspace_dir,
         source_table=args.source_table,
         target_schema=args.target_schema,
         high_value_threshold=args.high_value_threshold,
+        layouts=LAYOUTS if args.layout == "all" else (args.layout,),
+        compute=args.compute,
         spark_version=args.spark_version,
         node_type_id=args.node_type_id,
         num_workers=args.num_workers,
         cron=args.cron,
+        crons=crons,
         timezone=args.timezone,
         paused=args.paused,
+        notify=tuple(args.notify),
+        run_as=args.run_as,
+        parameters=_pairs(args.param, "--param"),
     )
 
 
@@ -189,8 +280,8 @@ def _client() -> tuple[str, WorkspaceClient]:
     return workspace_client_from_env(retry_timeout_seconds=60)
 
 
-def _modes(args: argparse.Namespace) -> tuple[str, ...]:
-    return (args.only,) if args.only else MODES
+def _modes(args: argparse.Namespace, options: JobOptions) -> tuple[str, ...]:
+    return (args.only,) if args.only else options.modes()
 
 
 def _write(text: str) -> None:
@@ -228,13 +319,19 @@ def _describe(settings: dict[str, Any]) -> str:
         deps = ", ".join(d["task_key"] for d in task.get("depends_on", []))
         when = f"after {deps}" if deps else "at start"
         lines.append(
-            f"  {task['task_key']:<10} {when:<16} {task['notebook_task']['notebook_path']}"
+            f"  {task['task_key']:<24} {when:<32} {task['notebook_task']['notebook_path']}"
         )
-    cluster = settings["job_clusters"][0]["new_cluster"]
-    lines.append(
-        f"  cluster: {cluster['spark_version']}, {cluster['node_type_id']} x "
-        f"{cluster['num_workers']} worker{'' if cluster['num_workers'] == 1 else 's'}"
-    )
+    first = settings["tasks"][0]
+    if settings.get("job_clusters"):
+        cluster = settings["job_clusters"][0]["new_cluster"]
+        lines.append(
+            f"  compute: job cluster {cluster['spark_version']}, {cluster['node_type_id']} x "
+            f"{cluster['num_workers']} worker{'' if cluster['num_workers'] == 1 else 's'}"
+        )
+    elif first.get("existing_cluster_id"):
+        lines.append(f"  compute: existing cluster {first['existing_cluster_id']}")
+    else:
+        lines.append("  compute: serverless")
     schedule = settings.get("schedule")
     if schedule:
         lines.append(
@@ -267,16 +364,19 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     """`databricks deploy`: returns 0, or raises NbPipelineError."""
     options = _options(args)
     if args.dry_run:
-        settings = all_job_settings(options, _modes(args))
+        options, _ = prepared(None, options)
+        settings = all_job_settings(options, _modes(args, options))
         if args.json:
             _write_json(settings)
         else:
             _write("\n".join(_describe(s) for s in settings.values()))
             _write("dry run: nothing was uploaded or changed (use --json for the exact settings)")
+        if "{user}" in options.workspace_dir:
+            sys.stderr.write("note: {user} becomes your workspace user name at deploy\n")
         return 0
     _, ws = _client()
     with _progress(not args.json) as log:
-        result = deploy(ws, options, modes=_modes(args), log=log)
+        result = deploy(ws, options, modes=_modes(args, options), log=log)
     if args.json:
         _write_json(result.as_dict())
     else:
@@ -284,12 +384,23 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bundle(args: argparse.Namespace) -> int:
+    """`databricks bundle --out DIR`: writes the bundle; 0, or raises NbPipelineError."""
+    options = _options(args)
+    if args.host:
+        options = replace(options, host=args.host).validated()
+    written = write_bundle(Path(args.out), options, modes=_modes(args, options))
+    _write(f"wrote a Databricks Asset Bundle to {args.out} ({len(written)} files)")
+    _write(f"deploy it: cd {args.out} && databricks bundle deploy -t dev")
+    return 0
+
+
 @_api_errors
 def cmd_diff(args: argparse.Namespace) -> int:
-    """`databricks diff`: 0 when both jobs match what deploy would write, 1 otherwise."""
+    """`databricks diff`: 0 when every job matches what deploy would write, 1 otherwise."""
     options = _options(args)
     _, ws = _client()
-    diffs = diff_jobs(ws, options, _modes(args))
+    diffs = diff_jobs(ws, options, _modes(args, options))
     if args.json:
         _write_json([d.as_dict() for d in diffs])
     else:

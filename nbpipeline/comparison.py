@@ -296,7 +296,9 @@ def plot(comparison: Comparison, path: str | Path) -> Path:
 
 def timing_from_databricks(report: Any) -> RunTiming:
     """A Databricks-native job run (`databricks_jobs.JobRunReport`, from the Jobs API run record)
-    as a RunTiming, so `compare` can put Databricks runs in the same table."""
+    as a RunTiming, so `compare` can put Databricks runs in the same table. An orchestration
+    job's steps are the notebook runs its orchestration notebook started."""
+    tasks = report.notebook_timings() if hasattr(report, "notebook_timings") else report.tasks
     steps = [
         StepTiming(
             step=t.task_key,
@@ -304,7 +306,7 @@ def timing_from_databricks(report: Any) -> RunTiming:
             duration_s=round((t.end_offset_s or 0.0) - (t.start_offset_s or 0.0), 3),
             status="success" if t.result == "SUCCESS" else (t.result or t.state).lower(),
         )
-        for t in report.tasks
+        for t in tasks
         if t.start_offset_s is not None
     ]
     return RunTiming(

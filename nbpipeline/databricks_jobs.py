@@ -1,13 +1,17 @@
-"""Databricks-native jobs: the four notebooks as `nbpipeline-sequential` and `nbpipeline-parallel`.
+"""Databricks-native jobs: the notebooks as task graphs, the orchestration notebooks, a comparison.
 
 Dagster is one way to orchestrate the notebooks; these jobs are the other, run by Databricks'
-own scheduler. `deploy` creates or fully replaces (`jobs/reset`) the two jobs, found by exact name
-across every page of the job list so a second copy is never created; `diff` shows what deploy
-would change; `run_job` triggers one (`run-now`), waits, and reports per-task timings taken from
-the run record.
+own scheduler. Two layouts: `task-graph` (`nbpipeline-sequential` and `nbpipeline-parallel`, the
+four notebooks as job tasks) and `orchestration` (the original design's jobs, one task each running
+`SequentialOrchestration` or `ParallelOrchestration`, plus `nbpipeline-comparison`, which runs both
+one after another on one pinned source version). `deploy` creates or fully replaces (`jobs/reset`)
+the jobs, found by exact name across every page of the job list so a second copy is never created;
+`diff` shows what deploy would change and whether the workspace notebooks drifted; `run_job`
+triggers one (`run-now`), waits, and reports per-notebook timings taken from the run records.
 
 Schedules are given as standard 5-field cron and converted to the Quartz syntax Databricks
-expects (`cron_to_quartz`), with an explicit, validated `timezone_id`.
+expects (`cron_to_quartz`), with an explicit, validated `timezone_id`; two jobs never start at the
+same minute (`check_schedules`), because every job MERGEs the same five tables.
 """
 
 from __future__ import annotations
@@ -21,17 +25,19 @@ import uuid
 import zoneinfo
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from decimal import Decimal, InvalidOperation
 from typing import Any
+from urllib.parse import urlsplit
 
 import dagster as dg
 from databricks.sdk import WorkspaceClient
 from databricks.sdk.service import jobs
 
+from nbpipeline import settings as nb_settings
 from nbpipeline.backends.base import NOTEBOOK_NAMES
 from nbpipeline.backends.databricks import (
     API_ERRORS,
-    DEFAULT_WORKSPACE_DIR,
+    HOST_ENV,
+    USER_WORKSPACE_DIR,
     WORKSPACE_DIR_ENV,
     PollPolicy,
     RunDeadlineExceeded,
@@ -43,27 +49,27 @@ from nbpipeline.backends.databricks import (
     life_cycle_of,
     local_notebooks,
     message_of,
+    notebooks_digest,
+    resolve_workspace_dir,
     result_of,
     run_timings,
     sync_notebooks,
     wait_for_run,
+    workspace_notebooks,
 )
 from nbpipeline.errors import ConfigError, NbPipelineError, NotebookError, NotebookTimeout
-from nbpipeline.identifiers import parse_schema, parse_table
+from nbpipeline.runtime import declared_widgets
 from nbpipeline.settings import DEFAULT_SOURCE_TABLE
 
 _LOG = logging.getLogger("nbpipeline.databricks_jobs")
 
-MODES = ("sequential", "parallel")
-JOB_NAMES = {"sequential": "nbpipeline-sequential", "parallel": "nbpipeline-parallel"}
+TASK_GRAPH, ORCHESTRATION = "task-graph", "orchestration"
+LAYOUTS = (TASK_GRAPH, ORCHESTRATION)
 JOB_CLUSTER_KEY = "nbpipeline_cluster"
 # Databricks Runtime 17.3 LTS runs Spark 4.0 (Scala 2.13), the closest LTS to the local engine.
 DEFAULT_SPARK_VERSION = "17.3.x-scala2.13"
-# Node types are cloud-specific; this is the AWS default. Azure: Standard_D4ds_v5, GCP: n2-standard-4.
-DEFAULT_NODE_TYPE_ID = "i3.xlarge"
 SPARK_VERSION_ENV = "NBPIPELINE_DATABRICKS_SPARK_VERSION"
 NODE_TYPE_ENV = "NBPIPELINE_DATABRICKS_NODE_TYPE_ID"
-DEFAULT_HIGH_VALUE_THRESHOLD = "1000.00"
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,21 +277,136 @@ def check_timezone(name: str) -> str:
 
 
 @dataclass(frozen=True)
-class JobOptions:
-    """What `deploy` writes; every value is validated by `validated()`."""
+class JobKind:
+    """One deployable job: its name, layout and what kind of run it is for `compare`."""
 
-    workspace_dir: str = DEFAULT_WORKSPACE_DIR
+    key: str
+    name: str
+    layout: str
+    style: str  # sequential | parallel | comparison
+    summary: str
+
+
+JOB_KINDS: dict[str, JobKind] = {
+    k.key: k
+    for k in (
+        JobKind(
+            "sequential",
+            "nbpipeline-sequential",
+            TASK_GRAPH,
+            "sequential",
+            "Notebook1 -> Notebook4 as chained job tasks",
+        ),
+        JobKind(
+            "parallel",
+            "nbpipeline-parallel",
+            TASK_GRAPH,
+            "parallel",
+            "Notebook1..4 as independent job tasks, all at once",
+        ),
+        JobKind(
+            "orchestration-sequential",
+            "nbpipeline-orchestration-sequential",
+            ORCHESTRATION,
+            "sequential",
+            "one task running SequentialOrchestration (dbutils.notebook.run, one after another)",
+        ),
+        JobKind(
+            "orchestration-parallel",
+            "nbpipeline-orchestration-parallel",
+            ORCHESTRATION,
+            "parallel",
+            "one task running ParallelOrchestration (dbutils.notebook.run from a thread pool)",
+        ),
+        JobKind(
+            "comparison",
+            "nbpipeline-comparison",
+            ORCHESTRATION,
+            "comparison",
+            "pins the source version, then SequentialOrchestration, then ParallelOrchestration",
+        ),
+    )
+}
+MODES = tuple(JOB_KINDS)
+JOB_NAMES = {k: kind.name for k, kind in JOB_KINDS.items()}
+ORCHESTRATION_NOTEBOOKS = {
+    "orchestration-sequential": "SequentialOrchestration",
+    "orchestration-parallel": "ParallelOrchestration",
+}
+PIN_NOTEBOOK = "PinSourceVersion"
+# What the pin task hands to the orchestration tasks of the comparison job (a task value).
+SOURCE_VERSION_REF = "{{tasks.PinSourceVersion.values.source_version}}"
+NOTEBOOKS_TAG = "nbpipeline_notebooks_sha256"
+
+COMPUTE_KINDS = ("serverless", "job-cluster", "existing:<cluster-id>")
+# The node type a job cluster gets on each cloud unless --node-type-id says otherwise: general
+# purpose, 4 cores, local disk for Spark's shuffle and Delta's caches.
+DEFAULT_NODE_TYPES = {"aws": "i3.xlarge", "azure": "Standard_D4ds_v5", "gcp": "n2-standard-4"}
+# A failed notebook task is retried once after a minute. The Jobs API cannot retry on one error
+# class only; the retry is there for Delta's concurrent-modification conflicts, and rerunning a
+# notebook whose MERGE failed for another reason is harmless (a MERGE commits whole or not at all).
+TASK_MAX_RETRIES = 1
+TASK_RETRY_INTERVAL_MS = 60_000
+
+
+def cloud_of(host: str) -> str | None:
+    """aws, azure or gcp from a workspace URL; None for anything else."""
+    name = (urlsplit(host if "://" in host else "https://" + host).hostname or "").lower()
+    if name.endswith(".azuredatabricks.net"):
+        return "azure"
+    if name.endswith(".gcp.databricks.com"):
+        return "gcp"
+    if name.endswith(".cloud.databricks.com"):
+        return "aws"
+    return None
+
+
+def parse_compute(value: str) -> tuple[str, str]:
+    """('serverless'|'job-cluster'|'existing', cluster id or '') from the --compute value."""
+    text = (value or "").strip()
+    if text in ("serverless", "job-cluster"):
+        return text, ""
+    if text.startswith("existing:"):
+        cluster_id = text.split(":", 1)[1].strip()
+        if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9\-]*", cluster_id):
+            return "existing", cluster_id
+    raise ConfigError(
+        f"invalid compute {value!r}: expected one of {', '.join(COMPUTE_KINDS)}",
+        hint="e.g. --compute existing:0123-456789-abcdefgh",
+    )
+
+
+_EMAIL_RE = re.compile(r"[^@\s,;]+@[^@\s,;]+\.[^@\s,;]+")
+_UUID_RE = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)
+_PARAM_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """What `deploy` and `bundle` write; every value is validated by `validated()`."""
+
+    workspace_dir: str = USER_WORKSPACE_DIR
     source_table: str = DEFAULT_SOURCE_TABLE
     target_schema: str = ""
-    high_value_threshold: str = DEFAULT_HIGH_VALUE_THRESHOLD
-    cron: str | None = None
+    high_value_threshold: str = ""  # empty: Notebook4's own widget default
+    cron: str | None = None  # the comparison job's schedule
+    crons: tuple[tuple[str, str], ...] = ()  # (job key, cron) for the other jobs
     timezone: str = "UTC"
     paused: bool = True
+    layouts: tuple[str, ...] = LAYOUTS
+    compute: str = "serverless"
+    host: str = ""  # the workspace URL, for the job cluster's default node type
     spark_version: str = DEFAULT_SPARK_VERSION
-    node_type_id: str = DEFAULT_NODE_TYPE_ID
+    node_type_id: str = ""  # empty: the default of the workspace's cloud
     num_workers: int = 1
+    notify: tuple[str, ...] = ()
+    run_as: str = ""
+    parameters: tuple[tuple[str, str], ...] = ()
     task_timeout_seconds: int = 3600
     job_timeout_seconds: int = 4 * 3600
+    notebooks_sha256: str = ""
 
     @classmethod
     def from_env(cls, **overrides: Any) -> JobOptions:
@@ -294,43 +415,159 @@ class JobOptions:
             "workspace_dir": os.environ.get(WORKSPACE_DIR_ENV),
             "spark_version": os.environ.get(SPARK_VERSION_ENV),
             "node_type_id": os.environ.get(NODE_TYPE_ENV),
+            "host": os.environ.get(HOST_ENV),
         }
         values = {k: v for k, v in env.items() if v}
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values).validated()
 
-    def validated(self) -> JobOptions:
-        parse_table(self.source_table, what="source_table")
-        if self.target_schema:
-            parse_schema(self.target_schema, what="target_schema")
-        try:
-            threshold = Decimal(str(self.high_value_threshold))
-        except InvalidOperation:
-            threshold = Decimal("NaN")
-        if not threshold.is_finite() or threshold < 0:
+    def compute_choice(self) -> tuple[str, str]:
+        return parse_compute(self.compute)
+
+    def resolved_node_type(self) -> str:
+        if self.node_type_id:
+            return self.node_type_id
+        cloud = cloud_of(self.host) if self.host else None
+        if cloud is None:
+            where = f"{self.host} is not" if self.host else f"{HOST_ENV} is not set, so it is not"
             raise ConfigError(
-                f"high_value_threshold {self.high_value_threshold!r} must be a number >= 0"
+                f"--compute job-cluster needs a node type: {where} a recognised AWS, Azure or "
+                "GCP workspace URL",
+                hint=f"pass --node-type-id (e.g. {', '.join(DEFAULT_NODE_TYPES.values())})",
             )
-        if self.cron is None and not self.paused:
+        return DEFAULT_NODE_TYPES[cloud]
+
+    def validated(self) -> JobOptions:
+        from nbpipeline.assets import validate_widget_values
+
+        if not str(self.high_value_threshold).strip():
+            # The notebook's own default, read from its source: one value, not a copy of it.
+            defaults = declared_widgets(nb_settings.notebooks_dir() / "Notebook4.py")
+            if "high_value_threshold" not in defaults:
+                raise ConfigError("Notebook4 declares no high_value_threshold widget")
+            return replace(self, high_value_threshold=defaults["high_value_threshold"]).validated()
+        validate_widget_values(
+            {
+                "source_table": self.source_table,
+                "target_schema": self.target_schema,
+                "high_value_threshold": self.high_value_threshold,
+            }
+        )
+        unknown = [lay for lay in self.layouts if lay not in LAYOUTS]
+        if unknown or not self.layouts:
+            raise ConfigError(
+                f"unknown layout(s) {', '.join(unknown) or '(none)'}: expected {', '.join(LAYOUTS)}"
+            )
+        scheduled = dict(self.crons)
+        for key in scheduled:
+            if key not in JOB_KINDS or key == "comparison":
+                raise ConfigError(f"no per-job cron for {key!r}; --cron schedules the comparison")
+        if self.cron is None and not scheduled and not self.paused:
             raise ConfigError("--unpaused needs a schedule: pass --cron too")
-        if self.cron is not None:
-            cron_to_quartz(self.cron)
+        for expr in [self.cron, *scheduled.values()]:
+            if expr is not None:
+                cron_to_quartz(expr)
         check_timezone(self.timezone)
-        for name in ("spark_version", "node_type_id"):
-            value = getattr(self, name)
+        kind, _ = parse_compute(self.compute)
+        names = {"spark_version": self.spark_version}
+        if self.node_type_id:
+            names["node_type_id"] = self.node_type_id
+        for name, value in names.items():
             if not value or not re.fullmatch(r"[A-Za-z0-9_.\-]+", value):
                 raise ConfigError(f"{name} {value!r} is not a valid Databricks identifier")
         if int(self.num_workers) < 0:
             raise ConfigError(f"num_workers must be >= 0 (got {self.num_workers})")
+        if kind == "job-cluster":
+            self.resolved_node_type()
+        for address in self.notify:
+            if not _EMAIL_RE.fullmatch(address):
+                raise ConfigError(f"--notify {address!r} is not an e-mail address")
+        if self.run_as and not (
+            _EMAIL_RE.fullmatch(self.run_as) or _UUID_RE.fullmatch(self.run_as)
+        ):
+            raise ConfigError(
+                f"--run-as {self.run_as!r}: expected a user's e-mail or a service principal's "
+                "application id (UUID)"
+            )
+        for name, _value in self.parameters:
+            if not _PARAM_RE.fullmatch(name):
+                raise ConfigError(f"job parameter name {name!r} must be a plain identifier")
         for name in ("task_timeout_seconds", "job_timeout_seconds"):
             if int(getattr(self, name)) < 0:
                 raise ConfigError(f"{name} must be >= 0")
-        return replace(
+        checked = replace(
             self,
             workspace_dir=check_workspace_dir(self.workspace_dir),
             high_value_threshold=str(self.high_value_threshold).strip(),
             num_workers=int(self.num_workers),
         )
+        check_schedules(checked.schedules(), checked.timezone)
+        return checked
+
+    def modes(self) -> tuple[str, ...]:
+        """The jobs the chosen layouts deploy, in order."""
+        return tuple(k for k, kind in JOB_KINDS.items() if kind.layout in self.layouts)
+
+    def schedules(self) -> dict[str, str]:
+        """Job key -> cron of every job deploy schedules."""
+        out = dict(self.crons)
+        if self.cron is not None:
+            out["comparison"] = self.cron
+        return {k: v for k, v in out.items() if k in self.modes()}
+
+
+# -- schedules that never start two table-sharing jobs together --------------------------------
+
+
+def _fire_sets(expr: str) -> tuple[list[set[int]], bool, bool]:
+    """The minute, hour, day-of-month, month and day-of-week sets of a 5-field cron."""
+    cron_to_quartz(expr)  # validates, with the user-facing message
+    text = " ".join(expr.split())
+    text = _MACROS.get(text.lower(), text)
+    fields = text.split(" ")
+    sets = []
+    for fld, raw in zip(_CRON_FIELDS, fields, strict=True):
+        values = {v for item in raw.split(",") for v in _parse_element(expr, fld, item).values(fld)}
+        sets.append({v % 7 for v in values} if fld.name == "day-of-week" else values)
+    return sets, fields[2] == "*", fields[4] == "*"
+
+
+def first_common_start(a: str, b: str) -> str | None:
+    """'HH:MM' at which both crons (same time zone) start on some day, or None if they never do.
+
+    Standard cron runs on day-of-month OR day-of-week; `cron_to_quartz` refuses both, so each
+    schedule restricts at most one of them. A day-of-month set and a day-of-week set always meet
+    on some date, so only two sets of the same kind can keep two schedules apart.
+    """
+    (sa, dom_any_a, dow_any_a), (sb, dom_any_b, dow_any_b) = _fire_sets(a), _fire_sets(b)
+    minutes, hours, months = sa[0] & sb[0], sa[1] & sb[1], sa[3] & sb[3]
+    if not (minutes and hours and months):
+        return None
+    if not dom_any_a and not dom_any_b and not sa[2] & sb[2]:
+        return None
+    if not dow_any_a and not dow_any_b and not sa[4] & sb[4]:
+        return None
+    return f"{min(hours):02d}:{min(minutes):02d}"
+
+
+def check_schedules(schedules: Mapping[str, str], timezone: str) -> None:
+    """Refuse schedules that start two jobs at the same minute: all of them write the same five
+    tables, so one would fail on a Delta concurrent-write conflict and both timings would skew."""
+    keys = list(schedules)
+    for i, first in enumerate(keys):
+        for second in keys[i + 1 :]:
+            when = first_common_start(schedules[first], schedules[second])
+            if when is not None:
+                raise ConfigError(
+                    f"schedules of {JOB_NAMES[first]} ({schedules[first]!r}) and "
+                    f"{JOB_NAMES[second]} ({schedules[second]!r}) both start at {when} "
+                    f"{timezone}; they write the same tables",
+                    hint="give them different minutes or hours, or schedule only the "
+                    "comparison job (--cron), which runs both orchestrations one after another",
+                )
+
+
+# -- building the settings ---------------------------------------------------------------------
 
 
 def notebook_parameters(notebook: str, options: JobOptions) -> dict[str, str]:
@@ -341,54 +578,156 @@ def notebook_parameters(notebook: str, options: JobOptions) -> dict[str, str]:
     return params
 
 
-def build_job_settings(mode: str, options: JobOptions) -> dict[str, Any]:
-    """The exact settings `deploy` writes for `mode` (sequential or parallel), as a JSON dict."""
-    if mode not in JOB_NAMES:
-        raise ConfigError(f"unknown job {mode!r}: expected one of {', '.join(MODES)}")
-    cluster: dict[str, Any] = {
+def orchestration_parameters(options: JobOptions, *, source_version: str = "") -> dict[str, str]:
+    """The widget values of an orchestration notebook task; it passes them on to the four."""
+    params = {
+        "source_table": options.source_table,
+        "target_schema": options.target_schema,
+        "high_value_threshold": options.high_value_threshold,
+        "timeout_seconds": str(options.task_timeout_seconds or 3600),
+    }
+    if source_version:
+        # Needs the `source_version` widget in the orchestration notebooks, which pass it on.
+        params["source_version"] = source_version
+    return params
+
+
+def _cluster_spec(options: JobOptions) -> dict[str, Any]:
+    return {
         "spark_version": options.spark_version,
-        "node_type_id": options.node_type_id,
+        "node_type_id": options.resolved_node_type(),
         "num_workers": options.num_workers,
         # Unity Catalog needs an access mode; single user (the job's run-as identity) suits jobs.
         "data_security_mode": "SINGLE_USER",
     }
-    tasks: list[dict[str, Any]] = []
-    for i, notebook in enumerate(NOTEBOOK_NAMES):
-        task: dict[str, Any] = {
-            "task_key": notebook,
-            "description": f"nbpipeline {notebook}",
-            "job_cluster_key": JOB_CLUSTER_KEY,
-            "notebook_task": {
-                "notebook_path": f"{options.workspace_dir}/{notebook}",
-                "source": "WORKSPACE",
-                "base_parameters": notebook_parameters(notebook, options),
-            },
-            "timeout_seconds": options.task_timeout_seconds,
-            "max_retries": 0,
-        }
-        if mode == "sequential" and i > 0:
-            task["depends_on"] = [{"task_key": NOTEBOOK_NAMES[i - 1]}]
-        tasks.append(task)
-    settings: dict[str, Any] = {
-        "name": JOB_NAMES[mode],
-        "description": (
-            "nbpipeline notebooks Notebook1 -> Notebook4, "
-            + ("one after another" if mode == "sequential" else "all at once")
-            + ". Managed by `nbpipeline databricks deploy`; edits here are overwritten."
-        ),
-        "tags": {"managed_by": "nbpipeline", "nbpipeline_mode": mode},
-        "max_concurrent_runs": 1,
-        "timeout_seconds": options.job_timeout_seconds,
-        "queue": {"enabled": True},
-        "job_clusters": [{"job_cluster_key": JOB_CLUSTER_KEY, "new_cluster": cluster}],
-        "tasks": tasks,
+
+
+def _task(
+    options: JobOptions,
+    key: str,
+    notebook: str,
+    params: Mapping[str, str],
+    *,
+    depends_on: str | None = None,
+    timeout: int | None = None,
+    retries: bool = True,
+    notebook_dir: str | None = None,
+) -> dict[str, Any]:
+    folder = options.workspace_dir if notebook_dir is None else notebook_dir
+    task: dict[str, Any] = {
+        "task_key": key,
+        "description": f"nbpipeline {notebook}",
+        "notebook_task": {
+            "notebook_path": f"{folder}/{notebook}",
+            "source": "WORKSPACE",
+            "base_parameters": dict(params),
+        },
+        "timeout_seconds": options.task_timeout_seconds if timeout is None else timeout,
+        "max_retries": TASK_MAX_RETRIES if retries else 0,
     }
-    if options.cron is not None:
+    if retries:
+        task["min_retry_interval_millis"] = TASK_RETRY_INTERVAL_MS
+    kind, cluster_id = options.compute_choice()
+    if kind == "existing":
+        task["existing_cluster_id"] = cluster_id
+    elif kind == "job-cluster":
+        task["job_cluster_key"] = JOB_CLUSTER_KEY
+    # serverless: a notebook task with no compute field runs on serverless jobs compute; notebook
+    # tasks take their environment from the notebook (environment_key is for script/wheel tasks).
+    if depends_on:
+        task["depends_on"] = [{"task_key": depends_on}]
+    return task
+
+
+def _tasks(mode: str, options: JobOptions, notebook_dir: str | None) -> list[dict[str, Any]]:
+    whole = options.job_timeout_seconds
+    if mode in ("sequential", "parallel"):
+        return [
+            _task(
+                options,
+                nb,
+                nb,
+                notebook_parameters(nb, options),
+                depends_on=NOTEBOOK_NAMES[i - 1] if mode == "sequential" and i else None,
+                notebook_dir=notebook_dir,
+            )
+            for i, nb in enumerate(NOTEBOOK_NAMES)
+        ]
+    if mode in ORCHESTRATION_NOTEBOOKS:
+        nb = ORCHESTRATION_NOTEBOOKS[mode]
+        params = orchestration_parameters(options)
+        return [_task(options, nb, nb, params, timeout=whole, notebook_dir=notebook_dir)]
+    # comparison: one source version for both orchestrations, resolved once by the pin task.
+    pinned = orchestration_parameters(options, source_version=SOURCE_VERSION_REF)
+    pin_params = {"source_table": options.source_table, "source_version": ""}
+    return [
+        _task(
+            options, PIN_NOTEBOOK, PIN_NOTEBOOK, pin_params, timeout=600, notebook_dir=notebook_dir
+        ),
+        _task(
+            options,
+            "SequentialOrchestration",
+            "SequentialOrchestration",
+            pinned,
+            depends_on=PIN_NOTEBOOK,
+            timeout=whole,
+            notebook_dir=notebook_dir,
+        ),
+        _task(
+            options,
+            "ParallelOrchestration",
+            "ParallelOrchestration",
+            pinned,
+            depends_on="SequentialOrchestration",
+            timeout=whole,
+            notebook_dir=notebook_dir,
+        ),
+    ]
+
+
+def build_job_settings(
+    mode: str, options: JobOptions, *, notebook_dir: str | None = None
+) -> dict[str, Any]:
+    """The exact settings `deploy` writes for job `mode`, as a JSON dict.
+
+    `notebook_dir` replaces the workspace folder in notebook paths (the bundle's relative paths).
+    """
+    if mode not in JOB_KINDS:
+        raise ConfigError(f"unknown job {mode!r}: expected one of {', '.join(MODES)}")
+    kind = JOB_KINDS[mode]
+    tags = {"managed_by": "nbpipeline", "nbpipeline_mode": mode}
+    if options.notebooks_sha256:
+        tags[NOTEBOOKS_TAG] = options.notebooks_sha256
+    settings: dict[str, Any] = {
+        "name": kind.name,
+        "description": (
+            f"nbpipeline: {kind.summary}. Managed by `nbpipeline databricks deploy`; "
+            "edits here are overwritten."
+        ),
+        "tags": tags,
+        "max_concurrent_runs": 1,
+        "timeout_seconds": options.job_timeout_seconds * (2 if mode == "comparison" else 1),
+        "queue": {"enabled": True},
+    }
+    if options.compute_choice()[0] == "job-cluster":
+        settings["job_clusters"] = [
+            {"job_cluster_key": JOB_CLUSTER_KEY, "new_cluster": _cluster_spec(options)}
+        ]
+    settings["tasks"] = _tasks(mode, options, notebook_dir)
+    cron = options.schedules().get(mode)
+    if cron is not None:
         settings["schedule"] = {
-            "quartz_cron_expression": cron_to_quartz(options.cron),
+            "quartz_cron_expression": cron_to_quartz(cron),
             "timezone_id": options.timezone,
             "pause_status": "PAUSED" if options.paused else "UNPAUSED",
         }
+    if options.notify:
+        settings["email_notifications"] = {"on_failure": list(options.notify)}
+    if options.run_as:
+        who = "user_name" if "@" in options.run_as else "service_principal_name"
+        settings["run_as"] = {who: options.run_as}
+    if options.parameters:
+        settings["parameters"] = [{"name": k, "default": v} for k, v in options.parameters]
     check_job_settings(settings)
     return settings
 
@@ -403,10 +742,11 @@ def check_job_settings(settings: Mapping[str, Any]) -> None:
 
 
 def all_job_settings(
-    options: JobOptions, modes: Sequence[str] = MODES
+    options: JobOptions, modes: Sequence[str] | None = None
 ) -> dict[str, dict[str, Any]]:
-    """Settings of the jobs for `modes` (both by default), keyed by mode."""
-    return {mode: build_job_settings(mode, options) for mode in modes}
+    """Settings of the jobs for `modes` (default: every job of the chosen layouts), by key."""
+    chosen = options.modes() if modes is None else tuple(modes)
+    return {mode: build_job_settings(mode, options) for mode in chosen}
 
 
 # --------------------------------------------------------------------------------------------
@@ -523,6 +863,7 @@ class JobDiff:
     name: str
     job_id: int | None
     changes: list[Change] = field(default_factory=list)
+    drift: str | None = None  # the workspace notebooks differ from those the job was deployed with
 
     @property
     def exists(self) -> bool:
@@ -530,7 +871,7 @@ class JobDiff:
 
     @property
     def in_sync(self) -> bool:
-        return self.exists and not self.changes
+        return self.exists and not self.changes and self.drift is None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -540,24 +881,69 @@ class JobDiff:
             "exists": self.exists,
             "in_sync": self.in_sync,
             "changes": [asdict(c) for c in self.changes],
+            "drift": self.drift,
         }
 
     def format_text(self) -> str:
         if not self.exists:
             return f"{self.name}: not deployed; deploy would create it"
+        lines = []
         if not self.changes:
-            return f"{self.name} (job {self.job_id}): up to date"
-        lines = [f"{self.name} (job {self.job_id}): {len(self.changes)} difference(s)"]
-        lines += [f"  {c}" for c in self.changes]
+            lines.append(f"{self.name} (job {self.job_id}): settings up to date")
+        else:
+            lines.append(f"{self.name} (job {self.job_id}): {len(self.changes)} difference(s)")
+            lines += [f"  {c}" for c in self.changes]
+        if self.drift:
+            lines.append(f"  drift: {self.drift}")
         return "\n".join(lines)
 
 
+def _drift(
+    deployed_sha: str | None, workspace: Mapping[str, bytes | None], local: Mapping[str, bytes]
+) -> str | None:
+    """Why the workspace copy no longer is what the job was deployed with (None: it is)."""
+    missing = sorted(n for n, data in workspace.items() if data is None)
+    if missing:
+        return f"missing from the workspace folder: {', '.join(missing)}"
+    current = notebooks_digest({n: d for n, d in workspace.items() if d is not None})
+    if deployed_sha is None or deployed_sha == current:
+        return None
+    from nbpipeline.backends.databricks import _normalized_source
+
+    changed = sorted(
+        n
+        for n, data in workspace.items()
+        if data is not None and _normalized_source(data) != _normalized_source(local[n])
+    )
+    where = f" (differ from local: {', '.join(changed)})" if changed else ""
+    return (
+        "the workspace notebooks were changed after deploy"
+        f"{where}; the job now runs code it was not deployed with"
+    )
+
+
+def prepared(
+    ws: WorkspaceClient | None, options: JobOptions
+) -> tuple[JobOptions, dict[str, bytes]]:
+    """Options with the workspace folder resolved (needs `ws`) and the local notebooks' hash."""
+    local = local_notebooks()
+    folder = resolve_workspace_dir(ws, options.workspace_dir) if ws is not None else None
+    return replace(
+        options,
+        workspace_dir=folder or options.workspace_dir,
+        notebooks_sha256=notebooks_digest(local),
+    ), local
+
+
 def diff_jobs(
-    ws: WorkspaceClient, options: JobOptions, modes: Sequence[str] = MODES
+    ws: WorkspaceClient, options: JobOptions, modes: Sequence[str] | None = None
 ) -> list[JobDiff]:
-    """How each deployed job differs from what `deploy` with `options` would write."""
+    """How each deployed job differs from what `deploy` with `options` would write, and whether
+    the workspace notebooks drifted from the copy the job was deployed with."""
+    options, local = prepared(ws, options)
     wanted = all_job_settings(options, modes)
     found = find_jobs(ws, [JOB_NAMES[m] for m in wanted])
+    workspace: dict[str, bytes | None] | None = None
     result = []
     for mode, settings in wanted.items():
         name = JOB_NAMES[mode]
@@ -566,9 +952,17 @@ def diff_jobs(
             result.append(JobDiff(mode, name, None))
             continue
         deployed = ws.jobs.get(job_id).settings
+        have = deployed.as_dict() if deployed else {}
+        if workspace is None:
+            workspace = workspace_notebooks(ws, options.workspace_dir, local)
+        sha = (have.get("tags") or {}).get(NOTEBOOKS_TAG)
         result.append(
             JobDiff(
-                mode, name, job_id, diff_settings(settings, deployed.as_dict() if deployed else {})
+                mode,
+                name,
+                job_id,
+                diff_settings(settings, have),
+                _drift(sha, workspace, local),
             )
         )
     return result
@@ -578,14 +972,16 @@ def diff_jobs(
 class DeployResult:
     notebooks: dict[str, str]
     jobs: list[dict[str, Any]]
+    workspace_dir: str = ""
 
     def as_dict(self) -> dict[str, Any]:
-        return {"notebooks": self.notebooks, "jobs": self.jobs}
+        return {"notebooks": self.notebooks, "jobs": self.jobs, "workspace_dir": self.workspace_dir}
 
     def format_text(self) -> str:
         uploaded = [n for n, s in self.notebooks.items() if s == "uploaded"]
         lines = [
             f"notebooks: {len(uploaded)} uploaded, {len(self.notebooks) - len(uploaded)} unchanged"
+            + (f" in {self.workspace_dir}" if self.workspace_dir else "")
         ]
         for job in self.jobs:
             line = f"{job['action']} {job['name']} (job {job['job_id']})"
@@ -599,16 +995,17 @@ def deploy(
     ws: WorkspaceClient,
     options: JobOptions,
     *,
-    modes: Sequence[str] = MODES,
+    modes: Sequence[str] | None = None,
     log: logging.Logger | None = None,
 ) -> DeployResult:
-    """Upload changed notebooks, then create or fully replace both jobs.
+    """Upload changed notebooks, then create or fully replace the jobs (tagged with their hash).
 
     An existing job is always `reset` (a full replacement, so nothing edited by hand survives),
     even when the diff is empty; the diff only decides whether it is reported as updated.
     """
     logger = log or _LOG
-    notebooks = sync_notebooks(ws, options.workspace_dir, local_notebooks(), log=logger)
+    options, local = prepared(ws, options)
+    notebooks = sync_notebooks(ws, options.workspace_dir, local, log=logger)
     wanted = all_job_settings(options, modes)
     found = find_jobs(ws, [JOB_NAMES[m] for m in wanted])
     # Check every name before writing anything, so a duplicate never leaves a half deploy.
@@ -651,7 +1048,7 @@ def deploy(
             }
         )
         logger.info("reset job %s (%s): %d change(s)", settings["name"], job_id, len(changes))
-    return DeployResult(notebooks=notebooks, jobs=results)
+    return DeployResult(notebooks=notebooks, jobs=results, workspace_dir=options.workspace_dir)
 
 
 # --------------------------------------------------------------------------------------------
@@ -673,11 +1070,15 @@ class TaskTiming:
     end_offset_s: float | None
     run_url: str | None = None
     error: str | None = None
+    # Orchestration tasks: the notebook runs they started (dbutils.notebook.run), from their own
+    # run records; offsets are from the job run's start.
+    children: list[TaskTiming] = field(default_factory=list)
+    attempts: int = 1  # more than 1: the task was retried (start is its first attempt's)
 
 
 @dataclass
 class JobRunReport:
-    mode: str
+    mode: str  # sequential | parallel | comparison: how the notebooks ran
     name: str
     job_id: int
     run_id: int
@@ -690,10 +1091,67 @@ class JobRunReport:
     duration_s: float
     queue_s: float
     tasks: list[TaskTiming]
+    job: str = ""  # the job's key (sequential, orchestration-parallel, comparison, ...)
 
     @property
     def succeeded(self) -> bool:
         return self.state == "TERMINATED" and self.result == "SUCCESS"
+
+    def notebook_timings(self) -> list[TaskTiming]:
+        """One timing per notebook run: the tasks themselves, or an orchestration's child runs."""
+        out: list[TaskTiming] = []
+        for task in self.tasks:
+            if task.children:
+                out += task.children
+            elif task.task_key in NOTEBOOK_NAMES:
+                out.append(task)
+        return out
+
+    def orchestration_parts(self) -> list[JobRunReport]:
+        """A comparison run as two runs: its sequential and its parallel orchestration task."""
+        parts = []
+        for task in self.tasks:
+            style = {"SequentialOrchestration": "sequential", "ParallelOrchestration": "parallel"}
+            if task.task_key not in style or task.start_offset_s is None:
+                continue
+            origin = task.start_offset_s
+            children = [
+                replace(
+                    c,
+                    start_offset_s=None
+                    if c.start_offset_s is None
+                    else round(c.start_offset_s - origin, 3),
+                    end_offset_s=None
+                    if c.end_offset_s is None
+                    else round(c.end_offset_s - origin, 3),
+                )
+                for c in task.children
+            ]
+            end = task.end_offset_s if task.end_offset_s is not None else origin
+            parts.append(
+                replace(
+                    self,
+                    mode=style[task.task_key],
+                    name=f"{self.name}/{task.task_key}",
+                    run_id=int(task.run_id or self.run_id),
+                    run_url=task.run_url,
+                    state=task.state,
+                    result=task.result,
+                    start_time=self.start_time + origin,
+                    end_time=self.start_time + end,
+                    duration_s=round(end - origin, 3),
+                    queue_s=task.queue_s,
+                    tasks=[
+                        replace(
+                            task,
+                            children=children,
+                            start_offset_s=0.0,
+                            end_offset_s=round(end - origin, 3),
+                        )
+                    ],
+                )
+            )
+        return parts
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -707,18 +1165,24 @@ class JobRunReport:
         if self.run_url:
             lines.append(self.run_url)
         lines.append(
-            f"{'task':<10} {'result':<16} {'start':>8} {'setup':>8} {'execution':>10} "
+            f"{'task':<24} {'result':<16} {'start':>8} {'setup':>8} {'execution':>10} "
             f"{'cleanup':>8} {'end':>8}"
         )
+        rows = []
         for t in self.tasks:
+            rows.append(t)
+            rows += [replace(c, task_key="  " + c.task_key) for c in t.children]
+        for t in rows:
             start = "-" if t.start_offset_s is None else f"{t.start_offset_s:+.1f}s"
             end = "-" if t.end_offset_s is None else f"{t.end_offset_s:+.1f}s"
             lines.append(
-                f"{t.task_key:<10} {(t.result or t.state):<16} {start:>8} "
+                f"{t.task_key:<24} {(t.result or t.state):<16} {start:>8} "
                 f"{t.setup_s:>7.1f}s {t.execution_s:>9.1f}s {t.cleanup_s:>7.1f}s {end:>8}"
             )
+            if t.attempts > 1:
+                lines.append(f"{'':<24} {t.attempts} attempts (retried)")
             if t.error:
-                lines.append(f"{'':<10} error: {t.error}")
+                lines.append(f"{'':<24} error: {t.error}")
         return "\n".join(lines)
 
 
@@ -726,43 +1190,105 @@ def _offset(ms: int | None, origin_ms: int) -> float:
     return round(((ms or 0) - origin_ms) / 1000.0, 3)
 
 
+def _task_timing(ws: WorkspaceClient, task: jobs.RunTask, start_ms: int) -> TaskTiming:
+    timings = run_timings(task)
+    started = bool(task.start_time and start_ms)
+    result = result_of(task)
+    error = None
+    # Tasks skipped because an upstream one failed have no error of their own.
+    own_failure = result not in (None, "SUCCESS") and not str(result).startswith("UPSTREAM_")
+    if own_failure and task.run_id and is_terminal(task):
+        err, _ = fetch_error(ws, int(task.run_id))
+        error = err or message_of(task) or None
+    return TaskTiming(
+        task_key=task.task_key or "?",
+        run_id=task.run_id,
+        state=life_cycle_of(task),
+        result=result,
+        start_offset_s=_offset(task.start_time, start_ms) if started else None,
+        end_offset_s=_offset(task.end_time, start_ms) if started and task.end_time else None,
+        run_url=task.run_page_url,
+        error=error,
+        **timings,
+    )
+
+
+def child_runs(ws: WorkspaceClient, task: jobs.RunTask, start_ms: int) -> list[TaskTiming]:
+    """The notebook runs an orchestration task started with `dbutils.notebook.run`.
+
+    They are `WORKFLOW_RUN`s of Notebook1..4 in the orchestration notebook's own folder, started
+    while the task ran; their timings come from their own run records.
+    """
+    path = task.notebook_task.notebook_path if task.notebook_task else None
+    if not path or not task.start_time:
+        return []
+    folder = path.rsplit("/", 1)[0]
+    end_ms = task.end_time or int(time.time() * 1000)
+    found: dict[str, TaskTiming] = {}
+    for child in ws.jobs.list_runs(
+        run_type=jobs.RunType.WORKFLOW_RUN,
+        start_time_from=int(task.start_time),
+        start_time_to=int(end_ms),
+        expand_tasks=True,
+    ):
+        inner = child.tasks[0] if child.tasks else None
+        nb = inner.notebook_task if inner is not None else None
+        child_path = nb.notebook_path if nb is not None else ""
+        name = child_path.rsplit("/", 1)[-1]
+        if child_path.rsplit("/", 1)[0] != folder or name not in NOTEBOOK_NAMES:
+            continue
+        record = inner if inner is not None else child
+        timing = _task_timing(ws, record, start_ms)  # type: ignore[arg-type]
+        timing = replace(timing, task_key=name, run_id=child.run_id, run_url=child.run_page_url)
+        # The latest run of each notebook (a retried orchestration task starts them again).
+        if name not in found or (timing.start_offset_s or 0) > (found[name].start_offset_s or 0):
+            found[name] = timing
+    return sorted(found.values(), key=lambda t: (t.start_offset_s or 0.0, t.task_key))
+
+
+def job_key_of(name: str | None) -> str | None:
+    return next((k for k, v in JOB_NAMES.items() if v == name), None)
+
+
 def job_run_report(ws: WorkspaceClient, mode: str, job_id: int, run: jobs.Run) -> JobRunReport:
-    """Timings of a finished job run, from the run record (Databricks' timestamps)."""
+    """Timings of a finished job run, from the run records (Databricks' timestamps).
+
+    `mode` is the job's key. For an orchestration task the per-notebook timings are its child
+    runs (`child_runs`).
+    """
     start_ms = run.start_time or 0
     end_ms = run.end_time or 0
     tasks = []
     # In start order; tasks that never started go last, in the job's own order.
-    order = {id(t): i for i, t in enumerate(run.tasks or [])}
+    # A retried task (max_retries) is listed once per attempt; its last attempt is its outcome,
+    # and the time it took is from its first attempt's start.
+    latest: dict[str, jobs.RunTask] = {}
+    first_start: dict[str, int] = {}
+    attempts: dict[str, int] = {}
+    for task in run.tasks or []:
+        key = task.task_key or "?"
+        attempts[key] = attempts.get(key, 0) + 1
+        if task.start_time:
+            first_start[key] = min(first_start.get(key, task.start_time), task.start_time)
+        if key not in latest or (task.attempt_number or 0) >= (latest[key].attempt_number or 0):
+            latest[key] = task
+    order = {id(t): i for i, t in enumerate(latest.values())}
     never = float("inf")
-    for task in sorted(run.tasks or [], key=lambda t: (t.start_time or never, order[id(t)])):
-        timings = run_timings(task)
-        started = bool(task.start_time and start_ms)
-        result = result_of(task)
-        error = None
-        # Tasks skipped because an upstream one failed have no error of their own.
-        own_failure = result not in (None, "SUCCESS") and not str(result).startswith("UPSTREAM_")
-        if own_failure and task.run_id and is_terminal(task):
-            err, _ = fetch_error(ws, int(task.run_id))
-            error = err or message_of(task) or None
-        tasks.append(
-            TaskTiming(
-                task_key=task.task_key or "?",
-                run_id=task.run_id,
-                state=life_cycle_of(task),
-                result=result,
-                start_offset_s=_offset(task.start_time, start_ms) if started else None,
-                end_offset_s=_offset(task.end_time, start_ms)
-                if started and task.end_time
-                else None,
-                run_url=task.run_page_url,
-                error=error,
-                **timings,
-            )
-        )
+    for task in sorted(latest.values(), key=lambda t: (t.start_time or never, order[id(t)])):
+        timing = _task_timing(ws, task, start_ms)
+        key = task.task_key or "?"
+        if attempts[key] > 1:
+            timing.attempts = attempts[key]
+            if key in first_start and start_ms:
+                timing.start_offset_s = _offset(first_start[key], start_ms)
+        if task.task_key in ("SequentialOrchestration", "ParallelOrchestration"):
+            timing.children = child_runs(ws, task, start_ms)
+        tasks.append(timing)
     duration_ms = run.run_duration or (end_ms - start_ms if end_ms else 0)
+    kind = JOB_KINDS.get(mode)
     return JobRunReport(
-        mode=mode,
-        name=JOB_NAMES[mode],
+        mode=kind.style if kind else mode,
+        name=kind.name if kind else (run.run_name or mode),
         job_id=job_id,
         run_id=int(run.run_id or 0),
         run_url=run.run_page_url,
@@ -774,7 +1300,52 @@ def job_run_report(ws: WorkspaceClient, mode: str, job_id: int, run: jobs.Run) -
         duration_s=round(duration_ms / 1000.0, 3),
         queue_s=round((run.queue_duration or 0) / 1000.0, 3),
         tasks=tasks,
+        job=mode,
     )
+
+
+def report_for_run(ws: WorkspaceClient, run_id: int) -> JobRunReport:
+    """The report of any nbpipeline job run, by run id (the job is found from the run)."""
+    run = ws.jobs.get_run(run_id)
+    job_id = int(run.job_id or 0)
+    name = run.run_name
+    if job_id:
+        try:
+            job = ws.jobs.get(job_id)
+            name = job.settings.name if job.settings else name
+        except API_ERRORS:
+            pass
+    key = job_key_of(name)
+    if key is None:
+        raise ConfigError(
+            f"run {run_id} is not a run of an nbpipeline job (job {name!r})",
+            hint=f"nbpipeline jobs: {', '.join(JOB_NAMES.values())}",
+        )
+    return job_run_report(ws, key, job_id, run)
+
+
+def comparison_reports(ws: WorkspaceClient, run_ids: Sequence[int]) -> list[JobRunReport]:
+    """[sequential, parallel] reports from one comparison-job run or two runs of other jobs."""
+    reports = [report_for_run(ws, int(r)) for r in run_ids]
+    if len(reports) == 1:
+        (report,) = reports
+        if report.job != "comparison":
+            raise ConfigError(
+                f"run {report.run_id} is a run of {report.name}; one run id must be a run of "
+                f"{JOB_NAMES['comparison']}",
+                hint="or give two run ids: a sequential and a parallel run",
+            )
+        parts = report.orchestration_parts()
+        if len(parts) != 2:
+            raise ConfigError(
+                f"comparison run {report.run_id} did not run both orchestrations "
+                f"({report.result or report.state})",
+                hint=f"see {report.run_url}" if report.run_url else None,
+            )
+        return parts
+    if len(reports) != 2:
+        raise ConfigError("give one comparison run id or two job run ids")
+    return reports
 
 
 def run_job(
@@ -852,3 +1423,92 @@ def failure_error(report: JobRunReport) -> NotebookError:
         run_id=report.run_id,
         hint=f"see {report.run_url}" if report.run_url else None,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Databricks Asset Bundle
+# --------------------------------------------------------------------------------------------
+
+BUNDLE_NAME = "nbpipeline"
+BUNDLE_JOBS_FILE = "resources/nbpipeline.jobs.yml"
+
+
+def bundle_job_resources(
+    options: JobOptions, modes: Sequence[str] | None = None
+) -> dict[str, dict[str, Any]]:
+    """The jobs as bundle job resources: deploy's settings with notebook paths relative to the
+    resource file (the bundle uploads `src/` and rewrites them to workspace paths)."""
+    out: dict[str, dict[str, Any]] = {}
+    for mode, settings in all_job_settings(options, modes).items():
+        for task in settings["tasks"]:
+            name = task["notebook_task"]["notebook_path"].rsplit("/", 1)[-1]
+            task["notebook_task"]["notebook_path"] = f"../src/{name}.py"
+        out[mode.replace("-", "_")] = settings
+    return out
+
+
+def write_bundle(out: Any, options: JobOptions, *, modes: Sequence[str] | None = None) -> list[Any]:
+    """Write a Databricks Asset Bundle to folder `out`; return the files written.
+
+    databricks.yml (dev and prod targets), src/ (every notebook), and one resource file with the
+    same jobs as `deploy`. Deploy it with the Databricks CLI: `databricks bundle deploy -t dev`.
+    """
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(out)
+    local = local_notebooks()
+    options = replace(options, notebooks_sha256=notebooks_digest(local))
+    resources = bundle_job_resources(options, modes)
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"--out {root} exists and is not a folder")
+    (root / "src").mkdir(parents=True, exist_ok=True)
+    (root / "resources").mkdir(exist_ok=True)
+    written = []
+    for name, data in sorted(local.items()):
+        path = root / "src" / f"{name}.py"
+        path.write_bytes(data)
+        written.append(path)
+    workspace: dict[str, Any] = {}
+    if options.host:
+        workspace["host"] = options.host
+    prod: dict[str, Any] = {
+        "mode": "production",
+        "workspace": {
+            **workspace,
+            # Production deploys once per workspace, not into a per-user development copy.
+            "root_path": "/Workspace/Users/${workspace.current_user.userName}/.bundle/"
+            "${bundle.name}/${bundle.target}",
+        },
+    }
+    if options.run_as:
+        who = "user_name" if "@" in options.run_as else "service_principal_name"
+        prod["run_as"] = {who: options.run_as}
+    bundle = {
+        "bundle": {"name": BUNDLE_NAME},
+        "include": ["resources/*.yml"],
+        "targets": {
+            # Development mode prefixes job names with the user and pauses schedules.
+            "dev": {
+                "mode": "development",
+                "default": True,
+                **({"workspace": workspace} if workspace else {}),
+            },
+            "prod": prod,
+        },
+    }
+    header = (
+        "# Written by `nbpipeline databricks bundle`: the nbpipeline notebooks (src/) and jobs\n"
+        "# (resources/). Deploy: databricks bundle deploy -t dev (or -t prod).\n"
+    )
+    path = root / "databricks.yml"
+    path.write_text(header + yaml.safe_dump(bundle, sort_keys=False))
+    written.append(path)
+    path = root / BUNDLE_JOBS_FILE
+    path.write_text(
+        "# The same jobs as `nbpipeline databricks deploy`.\n"
+        + yaml.safe_dump({"resources": {"jobs": resources}}, sort_keys=False)
+    )
+    written.append(path)
+    return written

@@ -50,9 +50,20 @@ def build_backend(name: str | None = None) -> NotebookBackend:
     )
 
 
+#: dagster-databricks' client resource, bound beside the Databricks backend that uses it, so the
+#: UI's resource view shows the workspace URL and credential variables.
+DATABRICKS_CLIENT_KEY = "databricks"
+
+
 def resource_defs() -> dict[str, Any]:
-    """The resources of the Dagster definitions: one notebook backend."""
-    return {NOTEBOOK_BACKEND_KEY: build_backend()}
+    """The resources of the Dagster definitions: one notebook backend (and, for Databricks, the
+    DatabricksClientResource it is built on)."""
+    backend = build_backend()
+    resources: dict[str, Any] = {NOTEBOOK_BACKEND_KEY: backend}
+    client = getattr(backend, "databricks", None)
+    if client is not None:
+        resources[DATABRICKS_CLIENT_KEY] = client
+    return resources
 
 
 SPARK_REMOTE_ENV = "NBPIPELINE_SPARK_REMOTE"

@@ -49,15 +49,26 @@ _SDK_ENV = (
 
 
 def write_notebooks(folder: Path) -> Path:
-    """Four small Databricks-source notebooks plus the `_common` helper they %run."""
+    """Four small Databricks-source notebooks, the orchestration and pin notebooks, and the
+    `_common` helper they %run."""
     folder.mkdir(parents=True, exist_ok=True)
     for name in NOTEBOOKS:
         (folder / f"{name}.py").write_text(
             "# Databricks notebook source\n"
             "# MAGIC %run ./_common\n\n"
             "# COMMAND ----------\n\n"
-            f'dbutils.widgets.text("source_table", "nbpipeline.orders")\n'
-            f'dbutils.notebook.exit(json.dumps({{"notebook": "{name}", "tables": []}}))\n'
+            'dbutils.widgets.text("source_table", "nbpipeline.orders")\n'
+            + (
+                'dbutils.widgets.text("high_value_threshold", "1000.00")\n'
+                if name == "Notebook4"
+                else ""
+            )
+            + f'dbutils.notebook.exit(json.dumps({{"notebook": "{name}", "tables": []}}))\n'
+        )
+    for name in ("SequentialOrchestration", "ParallelOrchestration", "PinSourceVersion"):
+        (folder / f"{name}.py").write_text(
+            "# Databricks notebook source\n"
+            f'dbutils.notebook.exit(json.dumps({{"notebook": "{name}"}}))\n'
         )
     (folder / "_common.py").write_text("# Databricks notebook source\nimport json\n")
     return folder
@@ -90,10 +101,14 @@ def loopback(databricks_env: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
 
 
 def make_backend(**overrides: Any) -> DatabricksNotebookBackend:
-    """The resource as bound in Definitions (EnvVar host/token), with fast polling for tests."""
+    """The resource as bound in Definitions (a DatabricksClientResource with EnvVar host and
+    token), with fast polling for tests."""
+    from dagster_databricks import DatabricksClientResource
+
     kwargs: dict[str, Any] = {
-        "host": dg.EnvVar("DATABRICKS_HOST"),
-        "token": dg.EnvVar("DATABRICKS_TOKEN"),
+        "databricks": DatabricksClientResource(
+            host=dg.EnvVar("DATABRICKS_HOST"), token=dg.EnvVar("DATABRICKS_TOKEN")
+        ),
         "existing_cluster_id": "0101-010101-loopback",
         "poll_initial_seconds": 0.02,
         "poll_max_seconds": 0.2,
@@ -212,6 +227,9 @@ class FakeJobs:
     def cancel_run(self, run_id: int) -> None:
         self.cancelled.append(run_id)
 
+    def list_runs(self, **_: Any) -> list[jobs.BaseRun]:
+        return []  # no live runs left over from earlier attempts
+
 
 class FakeWorkspaceApi:
     """`ws.workspace`: an in-memory folder of notebooks."""
@@ -242,10 +260,18 @@ class FakeWorkspaceApi:
         self.imports.append(path)
 
 
+class FakeCurrentUser:
+    def me(self) -> Any:
+        from databricks.sdk.service import iam
+
+        return iam.User(user_name="fake@example.com")
+
+
 class FakeWorkspaceClient:
     def __init__(self, fake_jobs: FakeJobs) -> None:
         self.jobs = fake_jobs
         self.workspace = FakeWorkspaceApi()
+        self.current_user = FakeCurrentUser()
 
 
 def use_fake_client(monkeypatch: pytest.MonkeyPatch, fake: FakeWorkspaceClient) -> None:

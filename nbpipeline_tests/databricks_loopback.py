@@ -2,13 +2,15 @@
 the REST API, so databricks-sdk's own client (auth header, JSON, error mapping, retries) runs
 unmodified against it.
 
-Covered: workspace get-status / import / export / mkdirs; jobs list (paginated with
+Covered: SCIM Me; workspace get-status / import / export / mkdirs; jobs list (paginated with
 page_token / next_page_token / has_more), create, reset, get, run-now; runs submit, get,
 get-output, cancel, list.
 
 Runs follow realistic life cycles computed from the wall clock: PENDING (queue, then cluster
 setup) -> RUNNING -> TERMINATING -> TERMINATED with result SUCCESS / FAILED / TIMEDOUT /
-CANCELED, or INTERNAL_ERROR after setup, or SKIPPED at once. Durations are configurable per
+CANCELED, or INTERNAL_ERROR after setup, or SKIPPED at once. A task running `SequentialOrchestration`
+or `ParallelOrchestration` starts Notebook1..4 as WORKFLOW_RUNs (what `dbutils.notebook.run` does)
+one after another or all at once, and lasts as long as they do. Durations are configurable per
 notebook (`behave`), and every run carries Databricks-shaped fields: start_time / end_time (ms
 since the epoch), queue_duration, setup_duration, execution_duration, cleanup_duration (ms),
 run_duration, run_page_url, tasks[]. As on Databricks, a submitted run is in multi-task format:
@@ -36,6 +38,9 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 RESULTS = ("SUCCESS", "FAILED", "TIMEDOUT", "CANCELED", "INTERNAL_ERROR", "SKIPPED")
+ORCHESTRATIONS = ("SequentialOrchestration", "ParallelOrchestration")
+CHILD_NOTEBOOKS = ("Notebook1", "Notebook2", "Notebook3", "Notebook4")
+CHILD_GAP_S = 0.05
 NOTEBOOK_HEADER = "# Databricks notebook source\n"
 WORKSPACE_ORG_ID = "1234567890123456"
 
@@ -84,6 +89,10 @@ class _Task:
     compute: dict[str, Any]
     spec: dict[str, Any]
     notebook_missing: bool = False
+    # An orchestration notebook: the notebook runs it starts with dbutils.notebook.run, as
+    # (name, seconds after its execution starts, execution seconds), and its own execution time.
+    children: list[tuple[str, float, float]] = field(default_factory=list)
+    orchestration_s: float | None = None
 
 
 @dataclass
@@ -575,7 +584,21 @@ class LoopbackDatabricks:
             raise ApiError(400, "INVALID_PARAMETER_VALUE", "Only notebook tasks are simulated")
         path = nb["notebook_path"]
         name = path.rstrip("/").rsplit("/", 1)[-1]
+        children: list[tuple[str, float, float]] = []
+        orchestration_s = None
+        if name in ORCHESTRATIONS:
+            # dbutils.notebook.run starts each child as an ephemeral run on the same compute:
+            # no queue or cluster setup, a short start-up gap each.
+            offset = 0.0
+            for child in CHILD_NOTEBOOKS:
+                b = self.behaviours.get(child, self.default)
+                children.append((child, offset + CHILD_GAP_S, b.execution_s))
+                if name == "SequentialOrchestration":
+                    offset += CHILD_GAP_S + b.execution_s
+            orchestration_s = max(o + e for _, o, e in children) + CHILD_GAP_S
         return _Task(
+            children=children,
+            orchestration_s=orchestration_s,
             run_id=self._new_id(),
             task_key=spec["task_key"],
             notebook_path=path,
@@ -594,6 +617,60 @@ class LoopbackDatabricks:
             self._task_parent[task.run_id] = run.run_id
         if run.idempotency_token:
             self._tokens[run.idempotency_token] = run.run_id
+        if any(t.children for t in run.tasks):
+            self._spawn_children(run)
+
+    def _spawn_children(self, run: _Run) -> None:
+        """The WORKFLOW_RUNs an orchestration task starts; each appears once its start is due."""
+        plans = self._plan(run)
+        for task in run.tasks:
+            p = plans[task.run_id]
+            if not task.children or p.ready is None:
+                continue
+            folder = task.notebook_path.rsplit("/", 1)[0]
+            for name, offset, execution in task.children:
+                params = {k: v for k, v in task.params.items() if k != "timeout_seconds"}
+                if name != "Notebook4":
+                    params.pop("high_value_threshold", None)
+                behaviour = replace(
+                    self.behaviours.get(name, self.default),
+                    queue_s=0.0,
+                    setup_s=0.0,
+                    cleanup_s=0.0,
+                    execution_s=execution,
+                )
+                spec = {
+                    "task_key": name,
+                    "notebook_task": {
+                        "notebook_path": f"{folder}/{name}",
+                        "base_parameters": params,
+                    },
+                }
+                child_task = _Task(
+                    run_id=self._new_id(),
+                    task_key=name,
+                    notebook_path=f"{folder}/{name}",
+                    params=params,
+                    behaviour=behaviour,
+                    depends_on=[],
+                    timeout_s=0,
+                    compute={},
+                    spec=spec,
+                )
+                self._next_job += 1
+                child = _Run(
+                    run_id=self._new_id(),
+                    job_id=self._next_job,
+                    run_name=name,
+                    run_type="WORKFLOW_RUN",
+                    created=p.setup_end + offset,
+                    tasks=[child_task],
+                    timeout_s=0,
+                    idempotency_token=None,
+                    number_in_job=1,
+                )
+                self.runs[child.run_id] = child
+                self._task_parent[child_task.run_id] = child.run_id
 
     def _check_token(self, token: str | None) -> int | None:
         if token is None:
@@ -747,7 +824,7 @@ class LoopbackDatabricks:
                     "Reason: Cloud provider launch failure"
                 )
             else:
-                execution = b.execution_s
+                execution = b.execution_s if task.orchestration_s is None else task.orchestration_s
                 result = b.result
                 if task.notebook_missing:
                     result, execution = "FAILED", min(execution, 0.05)
@@ -962,6 +1039,8 @@ class LoopbackDatabricks:
         if result == "SUCCESS":
             b = task.behaviour
             raw = b.exit_value(task.params) if callable(b.exit_value) else b.exit_value
+            if raw is None and task.children:
+                raw = json.dumps(self._orchestration_exit(task))
             if raw is None:
                 raw = json.dumps(_default_exit(task, p))
             out["notebook_output"] = {"result": raw, "truncated": False}
@@ -976,6 +1055,22 @@ class LoopbackDatabricks:
                 out["error_trace"] = task.behaviour.error_trace
         return out
 
+    def _orchestration_exit(self, task: _Task) -> dict[str, Any]:
+        mode = (
+            "sequential" if task.notebook_path.endswith("SequentialOrchestration") else "parallel"
+        )
+        return {
+            "mode": mode,
+            "wall_s": task.orchestration_s,
+            "notebooks": [
+                {"notebook": n, "start_offset_s": round(o, 3), "duration_s": round(e, 3)}
+                for n, o, e in task.children
+            ],
+        }
+
+    def _scim_me(self, _q: dict, _b: dict) -> dict:
+        return {"id": "4242", "userName": self.user, "active": True, "displayName": "Loopback"}
+
     def _runs_cancel(self, _q: dict, b: dict) -> dict:
         run = self._run_for(b.get("run_id"))
         if run.cancel_at is None:
@@ -986,7 +1081,15 @@ class LoopbackDatabricks:
         now = time.time()
         listed = []
         for run in sorted(self.runs.values(), key=lambda r: r.created, reverse=True):
+            if run.created > now:
+                continue  # a child run whose start is not due yet
             if q.get("job_id") and int(q["job_id"]) != run.job_id:
+                continue
+            if q.get("run_type") and q["run_type"] != run.run_type:
+                continue
+            if q.get("start_time_from") and _ms(run.created) < int(q["start_time_from"]):
+                continue
+            if q.get("start_time_to") and _ms(run.created) > int(q["start_time_to"]):
                 continue
             shown = self._run_json(run, now)
             active = shown["state"]["life_cycle_state"] in (
@@ -1027,6 +1130,7 @@ def _normalize(path: str) -> str:
 
 
 _ROUTES: dict[tuple[str, str], Callable[[LoopbackDatabricks, dict, dict], dict]] = {
+    ("GET", "/api/2.0/preview/scim/v2/Me"): LoopbackDatabricks._scim_me,
     ("GET", "/api/2.0/workspace/get-status"): LoopbackDatabricks._ws_get_status,
     ("GET", "/api/2.0/workspace/export"): LoopbackDatabricks._ws_export,
     ("POST", "/api/2.0/workspace/import"): LoopbackDatabricks._ws_import,

@@ -23,6 +23,7 @@ from typing import Any
 import dagster as dg
 import pytest
 from dagster._core.remote_representation.external_data import RepositorySnap
+from dagster_databricks import DatabricksClientResource
 from dagster_shared.serdes import serialize_value
 
 try:
@@ -170,14 +171,23 @@ def test_from_env_binds_env_vars_and_picks_compute(
 ) -> None:
     backend = DatabricksNotebookBackend.from_env()
     assert backend.serverless is True
-    config = backend._resolved_config_dict
+    # Credentials live in dagster-databricks' own resource, bound to the variables by name.
+    assert isinstance(backend.databricks, DatabricksClientResource)
+    config = backend.databricks._resolved_config_dict
     assert config["host"] == {"env": "DATABRICKS_HOST"}
     assert config["token"] == {"env": "DATABRICKS_TOKEN"}
     monkeypatch.setenv("DATABRICKS_CLUSTER_ID", "0101-xyz")
     backend = DatabricksNotebookBackend.from_env()
     assert backend._compute() == {"existing_cluster_id": "0101-xyz"}
     monkeypatch.delenv("DATABRICKS_TOKEN")
-    assert "token" not in DatabricksNotebookBackend.from_env()._resolved_config_dict
+    assert "token" not in DatabricksNotebookBackend.from_env().databricks._resolved_config_dict
+    monkeypatch.setenv("DATABRICKS_CLIENT_ID", "sp-id")
+    monkeypatch.setenv("DATABRICKS_CLIENT_SECRET", "sp-secret")
+    oauth = DatabricksNotebookBackend.from_env().databricks._resolved_config_dict
+    assert oauth["oauth_credentials"] == {
+        "client_id": {"env": "DATABRICKS_CLIENT_ID"},
+        "client_secret": {"env": "DATABRICKS_CLIENT_SECRET"},
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,7 +211,7 @@ def test_success_returns_exit_value_and_databricks_timings(databricks_env, monke
     assert fake.polls == 5
     assert run.backend == "databricks"
     assert run.engine == "https://example.cloud.databricks.com"
-    assert run.location == "/Shared/nbpipeline/Notebook1"
+    assert run.location == "/Users/fake@example.com/nbpipeline/Notebook1"  # one copy per user
     assert run.exit_value["notebook"] == "Notebook1" and run.tables == [{"table": "nbpipeline.x"}]
     # Durations are Databricks' own (12+ minutes), not the milliseconds this test took.
     assert run.extra["queue_s"] == 1.5
@@ -215,7 +225,7 @@ def test_success_returns_exit_value_and_databricks_timings(databricks_env, monke
     assert fake.output_requests == [fake.task_run_id]
     submit = fake.submits[0]
     (task,) = submit["tasks"]
-    assert task.notebook_task.notebook_path == "/Shared/nbpipeline/Notebook1"
+    assert task.notebook_task.notebook_path == "/Users/fake@example.com/nbpipeline/Notebook1"
     assert task.notebook_task.base_parameters == PARAMS
     assert task.existing_cluster_id == "0101-010101-loopback"
     assert submit["timeout_seconds"] == 900 and task.timeout_seconds == 900
@@ -360,7 +370,16 @@ def test_step_retry_after_a_failed_run_starts_a_new_run(loopback: LoopbackDatabr
     assert len(tokens) == 3 and tokens[0] == tokens[1] != tokens[2]
 
 
-def test_step_retry_after_losing_track_reattaches_to_the_same_run(
+def _live_intervals(loopback: LoopbackDatabricks) -> list[tuple[float, float]]:
+    """(created, ended-or-cancelled) of every one-time run, by creation."""
+    out = []
+    for run in sorted(loopback.runs.values(), key=lambda r: r.created):
+        end = max(t["end"] for t in loopback.timeline(run.run_id)["tasks"] if "end" in t)
+        out.append((run.created, min(end, run.cancel_at or end)))
+    return out
+
+
+def test_step_losing_track_cancels_its_run_and_the_retry_starts_one_live_run(
     loopback: LoopbackDatabricks,
 ) -> None:
     loopback.behave("Notebook1", execution_s=1.0)
@@ -373,10 +392,47 @@ def test_step_retry_after_losing_track_reattaches_to_the_same_run(
         [_retrying_asset(backend, lambda: None)], instance=dg.DagsterInstance.ephemeral()
     )
     assert result.success
-    assert len(loopback.runs) == 1  # the retry re-attached instead of starting a second run
-    (run,) = loopback.runs.values()
-    extra = result.output_for_node("notebook1")
-    assert extra["run_id"] == run.run_id
+    first, second = sorted(loopback.runs.values(), key=lambda r: r.created)
+    assert first.cancel_at is not None  # the run it lost track of was cancelled
+    assert second.cancel_at is None
+    assert result.output_for_node("notebook1")["run_id"] == second.run_id
+    # Never two live runs of the notebook at once.
+    (a_start, a_end), (b_start, _) = _live_intervals(loopback)
+    assert a_end <= b_start
+
+
+def test_reexecution_reattaches_to_a_run_it_could_not_cancel(
+    loopback: LoopbackDatabricks,
+) -> None:
+    loopback.behave("Notebook1", execution_s=1.5)
+    for path in ("/api/2.2/jobs/runs/get", "/api/2.2/jobs/runs/cancel"):
+        loopback.inject_error(
+            path.endswith("get") and "GET" or "POST",
+            path,
+            status=400,
+            code="BAD_REQUEST",
+            message="proxy broke",
+        )
+    backend = make_backend()
+
+    @dg.asset
+    def notebook1() -> dict[str, Any]:
+        return backend.run_notebook("Notebook1", PARAMS).extra
+
+    first = dg.materialize(
+        [notebook1], instance=dg.DagsterInstance.ephemeral(), raise_on_error=False
+    )
+    assert not first.success
+    failure = first.get_step_failure_events()[0].step_failure_data.error.to_string()
+    assert "lost track of Databricks run" in failure and "re-attaches to it" in failure
+    (orphan,) = loopback.runs.values()
+    assert orphan.cancel_at is None
+
+    # A re-execution (a new Dagster run, so new idempotency tokens) waits for the live run.
+    again = dg.materialize([notebook1], instance=dg.DagsterInstance.ephemeral())
+    assert again.success
+    assert list(loopback.runs) == [orphan.run_id]
+    assert again.output_for_node("notebook1")["run_id"] == orphan.run_id
 
 
 def test_polling_adapts_and_resets_on_state_change(databricks_env, monkeypatch) -> None:
@@ -434,7 +490,7 @@ def test_http_run_end_to_end(loopback: LoopbackDatabricks) -> None:
     body = submit.body
     (task,) = body["tasks"]
     assert task["notebook_task"] == {
-        "notebook_path": "/Shared/nbpipeline/Notebook2",
+        "notebook_path": f"/Users/{loopback.user}/nbpipeline/Notebook2",
         "base_parameters": PARAMS,
         "source": "WORKSPACE",
     }
@@ -462,8 +518,7 @@ def test_http_sync_uploads_all_notebooks_once_and_only_changes(
     backend.run_notebook("Notebook1", PARAMS)
     imports = loopback.requests_to("/workspace/import")
     assert sorted(r.body["path"] for r in imports) == [
-        f"/Shared/team/nbpipeline/{n}"
-        for n in ("Notebook1", "Notebook2", "Notebook3", "Notebook4", "_common")
+        f"/Shared/team/nbpipeline/{n}" for n in sorted(p.stem for p in databricks_env.glob("*.py"))
     ]
     assert all(
         r.body["format"] == "SOURCE" and r.body["language"] == "PYTHON" and r.body["overwrite"]
@@ -480,19 +535,13 @@ def test_http_sync_uploads_all_notebooks_once_and_only_changes(
 
     # An explicit sync compares with the workspace: nothing changed, nothing uploaded.
     assert set(backend.sync_notebooks().values()) == {"unchanged"}
-    assert len(loopback.requests_to("/workspace/import")) == 5
+    assert len(loopback.requests_to("/workspace/import")) == len(list(databricks_env.glob("*.py")))
 
     # A local edit uploads that notebook only; so does an edit made in the workspace UI.
     (databricks_env / "Notebook3.py").write_text("# Databricks notebook source\nprint('v2')\n")
     loopback.objects["/Shared/team/nbpipeline/Notebook4"]["content"] = b"# edited in the UI\n"
     result = backend.sync_notebooks()
-    assert result == {
-        "Notebook1": "unchanged",
-        "Notebook2": "unchanged",
-        "Notebook3": "uploaded",
-        "Notebook4": "uploaded",
-        "_common": "unchanged",
-    }
+    assert {n for n, how in result.items() if how == "uploaded"} == {"Notebook3", "Notebook4"}
     # A changed local folder also triggers the pre-run sync (the cache key is the content).
     (databricks_env / "Notebook1.py").write_text("# Databricks notebook source\nprint('v3')\n")
     backend.run_notebook("Notebook1", PARAMS)
@@ -637,9 +686,9 @@ def test_canary_token_never_appears_in_logs_errors_output_or_dagster_config(
     texts += [str(failed.value), repr(failed.value), failed.value.traceback_text or ""]
 
     # Dagster keeps only the variable name, in the resource config and in what the UI shows.
-    config = backend._resolved_config_dict
+    config = backend.databricks._resolved_config_dict
     assert config["token"] == {"env": "DATABRICKS_TOKEN"}
-    defs = dg.Definitions(resources={"notebook_backend": backend})
+    defs = dg.Definitions(resources={"notebook_backend": backend, "databricks": backend.databricks})
     snap = RepositorySnap.from_def(defs.get_repository_def())
     texts.append(serialize_value(snap))
     texts.append(json.dumps(config))
@@ -828,3 +877,87 @@ if (
     print(
         json.dumps(simulate_pipeline(float(sys.argv[1]) if len(sys.argv) > 1 else 20.0), indent=2)
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Compute over HTTP, sync once per run
+# ----------------------------------------------------------------------------------------------
+
+
+def test_http_serverless_submit_sends_no_cluster(loopback: LoopbackDatabricks) -> None:
+    backend = make_backend(existing_cluster_id=None, serverless=True)
+    run = backend.run_notebook("Notebook1", PARAMS)
+    assert run.exit_value["notebook"] == "Notebook1"
+    (submit,) = loopback.requests_to("/jobs/runs/submit")
+    (task,) = submit.body["tasks"]
+    assert not {"existing_cluster_id", "new_cluster", "job_cluster_key"} & task.keys()
+    assert "cluster_id" not in run.extra
+
+
+def test_http_new_cluster_submit_sends_the_cluster_spec(loopback: LoopbackDatabricks) -> None:
+    spec = {
+        "spark_version": "17.3.x-scala2.13",
+        "node_type_id": "Standard_D4ds_v5",
+        "num_workers": 2,
+        "data_security_mode": "SINGLE_USER",
+    }
+    loopback.behave("Notebook3", setup_s=0.3)  # a job cluster takes time to start
+    backend = make_backend(existing_cluster_id=None, new_cluster=spec)
+    run = backend.run_notebook("Notebook3", PARAMS)
+    (submit,) = loopback.requests_to("/jobs/runs/submit")
+    (task,) = submit.body["tasks"]
+    assert task["new_cluster"] == spec and "existing_cluster_id" not in task
+    truth = loopback.timeline(run.extra["run_id"])["tasks"][0]
+    assert run.extra["setup_s"] == pytest.approx(truth["setup_s"], abs=0.002)
+    assert run.extra["setup_s"] >= 0.3
+
+
+def test_notebooks_sync_once_per_dagster_run_across_step_processes(
+    loopback: LoopbackDatabricks, databricks_env, monkeypatch
+) -> None:
+    """Each step process of a run starts with an empty in-process cache (simulated here by
+    clearing it); the marker on disk makes only the first one sync. test_secrets.py runs the
+    real four-process case through `nbpipeline run parallel`."""
+    import nbpipeline.backends.databricks as dbmod
+
+    ws = make_backend().workspace_client()
+    log = logging.getLogger("test")
+
+    def step_process(dagster_run: str) -> bool:
+        dbmod._SYNCED.clear()  # a fresh process
+        monkeypatch.setattr(dbmod, "_current_dagster_step", lambda: (dagster_run, "step", 0))
+        return dbmod.sync_once_per_run(
+            ws, loopback.host, "/Users/me/nbpipeline", dbmod.local_notebooks(), log=log
+        )
+
+    assert [step_process("run-1") for _ in range(4)] == [True, False, False, False]
+    notebooks = len(list(databricks_env.glob("*.py")))
+    assert len(loopback.requests_to("/workspace/import")) == notebooks
+    assert len(loopback.requests_to("/workspace/get-status")) == notebooks
+    # The next Dagster run checks the workspace again (someone may have edited it).
+    assert step_process("run-2") is True
+    assert len(loopback.requests_to("/workspace/export")) == notebooks
+    assert len(loopback.requests_to("/workspace/import")) == notebooks  # nothing changed
+
+
+def test_ui_resource_view_shows_the_databricks_client_resource(
+    loopback: LoopbackDatabricks, monkeypatch
+) -> None:
+    from dagster._core.remote_representation.external_data import ResourceConfigEnvVarSnap
+
+    from nbpipeline.resources import resource_defs
+
+    monkeypatch.setenv("NBPIPELINE_BACKEND", "databricks")
+    resources = resource_defs()
+    assert isinstance(resources["databricks"], DatabricksClientResource)
+    assert resources["notebook_backend"].databricks is resources["databricks"]
+    defs = dg.Definitions(resources=resources)
+    snaps = {r.name: r for r in RepositorySnap.from_def(defs.get_repository_def()).resources}
+    client = snaps["databricks"]
+    assert client.configured_values["host"] == ResourceConfigEnvVarSnap(name="DATABRICKS_HOST")
+    assert client.configured_values["token"] == ResourceConfigEnvVarSnap(name="DATABRICKS_TOKEN")
+    nested = snaps["notebook_backend"].nested_resources["databricks"]
+    assert nested.name == "databricks" and nested.type.value == "TOP_LEVEL"
+    # And the backend really talks to the workspace through it.
+    run = resources["notebook_backend"].run_notebook("Notebook1", PARAMS)
+    assert run.engine == loopback.host

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 from typing import Any
 
 import pytest
@@ -27,16 +29,21 @@ except ImportError:  # pragma: no cover - rootdir-relative import
     )
 
 from nbpipeline.backends.base import NOTEBOOK_NAMES
-from nbpipeline.backends.databricks import make_workspace_client
+from nbpipeline.backends.databricks import PollPolicy, make_workspace_client
 from nbpipeline.cli_databricks import add_subcommands
 from nbpipeline.databricks_jobs import (
     JOB_CLUSTER_KEY,
+    JOB_KINDS,
+    JOB_NAMES,
     JobOptions,
     build_job_settings,
     check_timezone,
     cron_to_quartz,
     deploy,
     diff_settings,
+    job_run_report,
+    prepared,
+    run_job,
 )
 from nbpipeline.errors import ConfigError, NbPipelineError, NotebookError
 
@@ -129,7 +136,7 @@ def _settings(mode: str, **options: Any) -> dict[str, Any]:
 
 
 def test_sequential_job_chains_the_notebooks_on_one_job_cluster() -> None:
-    settings = _settings("sequential")
+    settings = _settings("sequential", compute="job-cluster", node_type_id="i3.xlarge")
     assert settings["name"] == "nbpipeline-sequential"
     tasks = settings["tasks"]
     assert [t["task_key"] for t in tasks] == list(NOTEBOOK_NAMES)
@@ -156,18 +163,22 @@ def test_parallel_job_has_independent_tasks_and_widget_parameters() -> None:
         "high_value_threshold": "250.50",
     }
     paths = [t["notebook_task"]["notebook_path"] for t in settings["tasks"]]
-    assert paths == [f"/Shared/nbpipeline/{n}" for n in NOTEBOOK_NAMES]
+    # One copy per user by default; {user} is resolved at deploy.
+    assert paths == [f"/Users/{{user}}/nbpipeline/{n}" for n in NOTEBOOK_NAMES]
 
 
 def test_schedule_is_quartz_with_timezone_and_paused_by_default() -> None:
-    settings = _settings("sequential", cron="30 6 * * 1-5", timezone="Europe/Amsterdam")
+    settings = _settings(
+        "sequential", crons=(("sequential", "30 6 * * 1-5"),), timezone="Europe/Amsterdam"
+    )
     assert settings["schedule"] == {
         "quartz_cron_expression": "0 30 6 ? * MON-FRI",
         "timezone_id": "Europe/Amsterdam",
         "pause_status": "PAUSED",
     }
     assert (
-        _settings("parallel", cron="@daily", paused=False)["schedule"]["pause_status"] == "UNPAUSED"
+        _settings("comparison", cron="@daily", paused=False)["schedule"]["pause_status"]
+        == "UNPAUSED"
     )
 
 
@@ -176,8 +187,10 @@ def test_schedule_is_quartz_with_timezone_and_paused_by_default() -> None:
     [
         ({"source_table": "orders; DROP TABLE x"}, "invalid source_table"),
         ({"target_schema": "a.b.c"}, "invalid target_schema"),
-        ({"high_value_threshold": "lots"}, "high_value_threshold 'lots' must be a number"),
-        ({"high_value_threshold": "-1"}, "must be a number >= 0"),
+        ({"high_value_threshold": "lots"}, "invalid high_value_threshold 'lots'"),
+        ({"high_value_threshold": "-1"}, "invalid high_value_threshold '-1'"),
+        # The notebook's own rule: at most 6 decimals (deploy used to accept this).
+        ({"high_value_threshold": "1000.1234567"}, "invalid high_value_threshold"),
         ({"paused": False}, "--unpaused needs a schedule"),
         ({"cron": "0 0 1 * 1"}, "both day-of-month and day-of-week"),
         ({"cron": "@daily", "timezone": "Nowhere/City"}, "unknown timezone"),
@@ -193,7 +206,7 @@ def test_bad_job_options(options: dict[str, Any], message: str) -> None:
 
 
 def test_diff_ignores_server_defaults_but_reports_edits() -> None:
-    desired = _settings("sequential")
+    desired = _settings("sequential", compute="job-cluster", node_type_id="i3.xlarge")
     deployed = json.loads(json.dumps(desired))
     deployed["format"] = "MULTI_TASK"
     deployed["run_as"] = {"user_name": "someone@example.com"}
@@ -243,18 +256,22 @@ def test_dry_run_json_needs_no_credentials_and_validates(databricks_env, capsys)
         == 0
     )
     out = json.loads(capsys.readouterr().out)
-    assert set(out) == {"sequential", "parallel"}
+    assert set(out) == set(JOB_KINDS)
     for settings in out.values():
         # Exactly what databricks-sdk would send, and nothing it does not know.
         assert JobSettings.from_dict(settings).as_dict() == settings
-        assert settings["schedule"] == {
-            "quartz_cron_expression": "0 0 6 ? * MON-FRI",
-            "timezone_id": "America/New_York",
-            "pause_status": "UNPAUSED",
-        }
-    assert out["sequential"] == _settings(
-        "sequential", cron="0 6 * * MON-FRI", timezone="America/New_York", paused=False
+    # One --cron schedules the comparison job only.
+    assert [k for k, s in out.items() if "schedule" in s] == ["comparison"]
+    assert out["comparison"]["schedule"] == {
+        "quartz_cron_expression": "0 0 6 ? * MON-FRI",
+        "timezone_id": "America/New_York",
+        "pause_status": "UNPAUSED",
+    }
+    options, _ = prepared(
+        None,
+        JobOptions(cron="0 6 * * MON-FRI", timezone="America/New_York", paused=False).validated(),
     )
+    assert out["sequential"] == build_job_settings("sequential", options)
 
 
 def test_dry_run_text_and_options(databricks_env, capsys, monkeypatch) -> None:
@@ -270,11 +287,13 @@ def test_dry_run_text_and_options(databricks_env, capsys, monkeypatch) -> None:
             "2",
             "--source-table",
             "main.sales.orders",
+            "--compute",
+            "job-cluster",
         )
         == 0
     )
     out = capsys.readouterr().out
-    assert "Notebook2  after Notebook1" in out and "/Shared/x/Notebook4" in out
+    assert re.search(r"Notebook2 +after Notebook1", out) and "/Shared/x/Notebook4" in out
     assert "Standard_D4ds_v5 x 2 workers" in out
     assert "schedule: none" in out and "dry run: nothing was uploaded" in out
 
@@ -302,23 +321,28 @@ def test_deploy_pages_through_the_job_list_and_updates_in_place(
     assert actions["nbpipeline-sequential"] == ("updated", existing)
     assert actions["nbpipeline-parallel"][0] == "created"
     assert set(out["notebooks"].values()) == {"uploaded"}
-    assert len(loopback.jobs) == 32  # no duplicate
+    assert len(loopback.jobs) == 35  # five jobs, no duplicate
 
     lists = loopback.requests_to("/jobs/list")
-    assert len(lists) == 2  # 32 jobs at 25 a page
+    assert len(lists) == 2  # 31 jobs at 25 a page
     assert "page_token" not in lists[0].query and lists[1].query["page_token"]
     (reset,) = loopback.requests_to("/jobs/reset")
     assert reset.body["job_id"] == existing
-    assert reset.body["new_settings"] == build_job_settings("sequential", JobOptions().validated())
-    (create,) = loopback.requests_to("/jobs/create")
-    assert create.body == build_job_settings("parallel", JobOptions().validated())
+    options = JobOptions(workspace_dir=f"/Users/{loopback.user}/nbpipeline").validated()
+    options, _ = prepared(None, options)
+    assert reset.body["new_settings"] == build_job_settings("sequential", options)
+    creates = loopback.requests_to("/jobs/create")
+    assert [c.body["name"] for c in creates] == [
+        JOB_NAMES[k] for k in JOB_KINDS if k != "sequential"
+    ]
+    assert creates[0].body == build_job_settings("parallel", options)
 
     # Deploying again changes nothing and creates nothing.
     assert _cli("databricks", "deploy") == 0
     text = capsys.readouterr().out
-    assert "notebooks: 0 uploaded, 5 unchanged" in text
+    assert "notebooks: 0 uploaded, 8 unchanged" in text
     assert f"unchanged nbpipeline-sequential (job {existing})" in text
-    assert len(loopback.requests_to("/jobs/create")) == 1 and len(loopback.jobs) == 32
+    assert len(loopback.requests_to("/jobs/create")) == 4 and len(loopback.jobs) == 35
 
 
 def test_duplicate_jobs_stop_deploy_before_any_write(loopback: LoopbackDatabricks) -> None:
@@ -365,7 +389,7 @@ def test_diff_shows_hand_edits_and_deploy_reverts_them(
     # Without --cron, deploy would drop the schedule: diff says so.
     assert _cli("databricks", "diff", "--json") == 1
     report = json.loads(capsys.readouterr().out)
-    seq = next(d for d in report if d["mode"] == "sequential")
+    seq = next(d for d in report if d["mode"] == "comparison")
     assert {"op": "-", "path": "schedule"} in [
         {"op": c["op"], "path": c["path"]} for c in seq["changes"]
     ]
@@ -494,20 +518,472 @@ def test_canary_token_never_appears_in_cli_output(
 def test_deploy_function_reports_notebooks_and_jobs(loopback: LoopbackDatabricks) -> None:
     ws = make_workspace_client(loopback.host, TOKEN)
     result = deploy(ws, JobOptions(workspace_dir="/Shared/elsewhere").validated())
-    assert [j["action"] for j in result.jobs] == ["created", "created"]
+    assert [j["action"] for j in result.jobs] == ["created"] * 5
     assert "/Shared/elsewhere/_common" in loopback.objects
     text = result.format_text()
-    assert "notebooks: 5 uploaded, 0 unchanged" in text and "created nbpipeline-parallel" in text
+    assert "notebooks: 8 uploaded, 0 unchanged" in text and "created nbpipeline-parallel" in text
 
 
 def test_only_one_job_can_be_deployed_and_scheduled(loopback: LoopbackDatabricks, capsys) -> None:
     assert _cli("databricks", "deploy", "--dry-run", "--json", "--only", "sequential") == 0
     assert set(json.loads(capsys.readouterr().out)) == {"sequential"}
-    assert _cli("databricks", "deploy", "--only", "sequential", "--cron", "@daily") == 0
+    assert _cli("databricks", "deploy", "--only", "sequential", "--cron-sequential", "@daily") == 0
     names = sorted(j["settings"]["name"] for j in loopback.jobs.values())
     assert names == ["nbpipeline-sequential"]
     (job,) = loopback.jobs.values()
     assert job["settings"]["schedule"]["quartz_cron_expression"] == "0 0 0 * * ?"
     capsys.readouterr()
-    assert _cli("databricks", "diff", "--only", "sequential", "--cron", "@daily") == 0
+    assert _cli("databricks", "diff", "--only", "sequential", "--cron-sequential", "@daily") == 0
     assert "nbpipeline-parallel" not in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------
+# The seed's orchestration jobs, the comparison job, schedules, compute, bundle, drift
+# ----------------------------------------------------------------------------------------------
+
+
+def _dry_run(capsys, *argv: str) -> dict[str, Any]:
+    capsys.readouterr()
+    assert _cli("databricks", "deploy", "--dry-run", "--json", *argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_deploy_writes_the_orchestration_jobs_beside_the_task_graphs(
+    databricks_env, capsys
+) -> None:
+    out = _dry_run(capsys)
+    assert [out[k]["name"] for k in JOB_KINDS] == [
+        "nbpipeline-sequential",
+        "nbpipeline-parallel",
+        "nbpipeline-orchestration-sequential",
+        "nbpipeline-orchestration-parallel",
+        "nbpipeline-comparison",
+    ]
+    for key, notebook in (
+        ("orchestration-sequential", "SequentialOrchestration"),
+        ("orchestration-parallel", "ParallelOrchestration"),
+    ):
+        (task,) = out[key]["tasks"]
+        assert task["task_key"] == notebook
+        assert task["notebook_task"]["notebook_path"].endswith(f"/nbpipeline/{notebook}")
+        assert task["notebook_task"]["base_parameters"] == {
+            "source_table": "nbpipeline.orders",
+            "target_schema": "",
+            "high_value_threshold": "1000.00",
+            "timeout_seconds": "3600",
+        }
+    assert set(_dry_run(capsys, "--layout", "task-graph")) == {"sequential", "parallel"}
+    assert set(_dry_run(capsys, "--layout", "orchestration")) == {
+        "orchestration-sequential",
+        "orchestration-parallel",
+        "comparison",
+    }
+
+
+def test_one_cron_schedules_one_comparison_on_one_source_version(databricks_env, capsys) -> None:
+    out = _dry_run(capsys, "--cron", "0 2 * * *")
+    comparison = out["comparison"]
+    assert [t["task_key"] for t in comparison["tasks"]] == [
+        "PinSourceVersion",
+        "SequentialOrchestration",
+        "ParallelOrchestration",
+    ]
+    pin, seq, par = comparison["tasks"]
+    assert seq["depends_on"] == [{"task_key": "PinSourceVersion"}]
+    assert par["depends_on"] == [{"task_key": "SequentialOrchestration"}]
+    # Both orchestrations read the version the pin task resolved once.
+    for task in (seq, par):
+        assert task["notebook_task"]["base_parameters"]["source_version"] == (
+            "{{tasks.PinSourceVersion.values.source_version}}"
+        )
+    assert pin["notebook_task"]["base_parameters"]["source_version"] == ""
+    assert [k for k, s in out.items() if "schedule" in s] == ["comparison"]
+    # Every notebook task retries once (Delta concurrent-modification conflicts).
+    for settings in out.values():
+        for task in settings["tasks"]:
+            if task["task_key"] != "PinSourceVersion":
+                assert task["max_retries"] == 1 and task["min_retry_interval_millis"] == 60000
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--cron", "0 2 * * *", "--cron-sequential", "0 2 * * 1-5"],
+            "schedules of nbpipeline-sequential ('0 2 * * 1-5') and nbpipeline-comparison "
+            "('0 2 * * *') both start at 02:00 UTC",
+        ),
+        (
+            ["--cron-parallel", "*/15 * * * *", "--cron-orchestration-parallel", "0 3 * * *"],
+            "both start at 03:00",
+        ),
+        (["--cron-sequential", "0 4 1 * *", "--cron-parallel", "0 4 * * MON"], "at 04:00"),
+    ],
+)
+def test_schedules_that_start_two_jobs_together_are_refused(
+    databricks_env, argv: list[str], message: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        _cli("databricks", "deploy", "--dry-run", *argv)
+    assert message in str(info.value) and "write the same tables" in str(info.value)
+
+
+def test_schedules_at_different_times_are_accepted(databricks_env, capsys) -> None:
+    out = _dry_run(
+        capsys,
+        "--cron",
+        "0 2 * * *",
+        "--cron-sequential",
+        "30 2 * * *",
+        "--cron-parallel",
+        "0 4 1 * *",
+        "--cron-orchestration-parallel",
+        "0 4 15 * *",  # same hour, other days of the month
+    )
+    assert out["sequential"]["schedule"]["quartz_cron_expression"] == "0 30 2 * * ?"
+    assert "schedule" not in out["orchestration-sequential"]
+
+
+@pytest.mark.parametrize(
+    ("host", "node_type"),
+    [
+        ("https://dbc-1234abcd-5678.cloud.databricks.com", "i3.xlarge"),
+        ("https://adb-1234567890123456.7.azuredatabricks.net", "Standard_D4ds_v5"),
+        ("https://1234567890123456.7.gcp.databricks.com", "n2-standard-4"),
+    ],
+)
+def test_job_cluster_node_type_fits_the_cloud(
+    databricks_env, capsys, monkeypatch, host: str, node_type: str
+) -> None:
+    monkeypatch.setenv("DATABRICKS_HOST", host)
+    out = _dry_run(capsys, "--compute", "job-cluster")
+    for settings in out.values():
+        (cluster,) = settings["job_clusters"]
+        assert cluster["new_cluster"]["node_type_id"] == node_type
+        assert {t["job_cluster_key"] for t in settings["tasks"]} == {JOB_CLUSTER_KEY}
+    out = _dry_run(capsys, "--compute", "job-cluster", "--node-type-id", "m6gd.large")
+    assert out["parallel"]["job_clusters"][0]["new_cluster"]["node_type_id"] == "m6gd.large"
+
+
+def test_compute_serverless_by_default_or_an_existing_cluster(databricks_env, capsys) -> None:
+    cluster_fields = {"job_cluster_key", "existing_cluster_id", "new_cluster", "environment_key"}
+    for settings in _dry_run(capsys).values():
+        assert "job_clusters" not in settings
+        assert all(not cluster_fields & t.keys() for t in settings["tasks"])
+    for settings in _dry_run(capsys, "--compute", "existing:0101-123456-abcdef").values():
+        assert {t["existing_cluster_id"] for t in settings["tasks"]} == {"0101-123456-abcdef"}
+    with pytest.raises(ConfigError, match="needs a node type"):
+        _cli("databricks", "deploy", "--dry-run", "--compute", "job-cluster")
+    with pytest.raises(ConfigError, match="invalid compute 'gpu'"):
+        _cli("databricks", "deploy", "--dry-run", "--compute", "gpu")
+
+
+def test_notifications_run_as_and_job_parameters_pass_through(
+    loopback: LoopbackDatabricks, capsys
+) -> None:
+    argv = [
+        "--notify",
+        "ops@example.com",
+        "--notify",
+        "lead@example.com",
+        "--run-as",
+        "6f1e1f55-1111-2222-3333-444455556666",
+        "--param",
+        "source_version=12",
+    ]
+    assert _cli("databricks", "deploy", *argv) == 0
+    for job in loopback.jobs.values():
+        s = job["settings"]
+        assert s["email_notifications"] == {"on_failure": ["ops@example.com", "lead@example.com"]}
+        assert s["run_as"] == {"service_principal_name": "6f1e1f55-1111-2222-3333-444455556666"}
+        assert s["parameters"] == [{"name": "source_version", "default": "12"}]
+    capsys.readouterr()
+    assert _cli("databricks", "diff", *argv) == 0
+    with pytest.raises(ConfigError, match="--notify 'nobody' is not an e-mail address"):
+        _cli("databricks", "deploy", "--dry-run", "--notify", "nobody")
+    with pytest.raises(ConfigError, match="expected NAME=VALUE"):
+        _cli("databricks", "deploy", "--dry-run", "--param", "novalue")
+
+
+def test_deploy_uses_a_folder_per_user_and_diff_reports_drift(
+    loopback: LoopbackDatabricks, capsys, databricks_env
+) -> None:
+    assert _cli("databricks", "deploy", "--layout", "task-graph") == 0
+    folder = f"/Users/{loopback.user}/nbpipeline"
+    assert f"{folder}/Notebook1" in loopback.objects
+    assert not any(p.startswith("/Shared/nbpipeline") for p in loopback.objects)
+    job = next(j for j in loopback.jobs.values() if j["settings"]["name"] == "nbpipeline-parallel")
+    assert len(job["settings"]["tags"]["nbpipeline_notebooks_sha256"]) == 64
+    capsys.readouterr()
+    assert _cli("databricks", "diff", "--layout", "task-graph") == 0
+
+    # Someone edits Notebook2 in the workspace: the deployed job now runs other code.
+    obj = loopback.objects[f"{folder}/Notebook2"]
+    obj["content"] = obj["content"] + b"\nprint('hand edit')\n"
+    capsys.readouterr()
+    assert _cli("databricks", "diff", "--layout", "task-graph", "--json") == 1
+    report = json.loads(capsys.readouterr().out)
+    assert all("differ from local: Notebook2" in d["drift"] for d in report)
+    assert all(d["changes"] == [] for d in report)
+
+    # Redeploying restores the workspace copy; a local edit shows as a changed hash.
+    assert _cli("databricks", "deploy", "--layout", "task-graph") == 0
+    assert _cli("databricks", "diff", "--layout", "task-graph") == 0
+    (databricks_env / "Notebook3.py").write_text("# Databricks notebook source\nprint(3)\n")
+    capsys.readouterr()
+    assert _cli("databricks", "diff", "--layout", "task-graph") == 1
+    assert "~ tags.nbpipeline_notebooks_sha256" in capsys.readouterr().out
+
+
+def test_bundle_jobs_are_job_settings_and_match_deploy(databricks_env, capsys, tmp_path) -> None:
+    import yaml
+
+    out = tmp_path / "bundle"
+    argv = ["--cron", "0 2 * * *", "--notify", "ops@example.com"]
+    assert _cli("databricks", "bundle", "--out", str(out), *argv) == 0
+    root = yaml.safe_load((out / "databricks.yml").read_text())
+    assert root["bundle"]["name"] == "nbpipeline"
+    assert root["targets"]["dev"]["mode"] == "development"
+    assert root["targets"]["prod"]["mode"] == "production"
+    assert root["include"] == ["resources/*.yml"]
+    resources = yaml.safe_load((out / "resources" / "nbpipeline.jobs.yml").read_text())
+    bundle_jobs = resources["resources"]["jobs"]
+    for settings in bundle_jobs.values():
+        assert JobSettings.from_dict(settings).as_dict() == settings
+        for task in settings["tasks"]:
+            path = task["notebook_task"]["notebook_path"]
+            assert (out / "resources" / path).resolve().is_file(), path
+    deployed = _dry_run(capsys, *argv)
+    assert sorted(s["name"] for s in bundle_jobs.values()) == sorted(
+        s["name"] for s in deployed.values()
+    )
+    # Same settings apart from where the notebooks live.
+    for key, settings in deployed.items():
+        mine = bundle_jobs[key.replace("-", "_")]
+        for task in settings["tasks"]:
+            task["notebook_task"].pop("notebook_path")
+        for task in mine["tasks"]:
+            task["notebook_task"].pop("notebook_path")
+        assert mine == settings
+    assert sorted(p.name for p in (out / "src").iterdir()) == sorted(
+        p.name for p in databricks_env.glob("*.py")
+    )
+
+
+def _short(loopback: LoopbackDatabricks, seconds: float = 0.3) -> None:
+    for name in NOTEBOOK_NAMES:
+        loopback.behave(name, setup_s=0.05, execution_s=seconds, cleanup_s=0.05)
+
+
+def _check_children(loopback: LoopbackDatabricks, report: dict[str, Any], task_key: str) -> None:
+    """The report's child timings against the server's own timeline of those child runs."""
+    (task,) = [t for t in report["tasks"] if t["task_key"] == task_key]
+    assert [c["task_key"] for c in sorted(task["children"], key=lambda c: c["task_key"])] == list(
+        NOTEBOOK_NAMES
+    )
+    origin = loopback.runs[report["run_id"]].created
+    for child in task["children"]:
+        (truth,) = loopback.timeline(child["run_id"])["tasks"]
+        assert child["start_offset_s"] == pytest.approx(truth["start"] - origin, abs=0.002)
+        assert child["end_offset_s"] == pytest.approx(truth["end"] - origin, abs=0.002)
+        assert child["execution_s"] == pytest.approx(truth["execution_s"], abs=0.002)
+
+
+def test_run_orchestration_jobs_reports_the_child_runs(
+    loopback: LoopbackDatabricks, capsys
+) -> None:
+    _short(loopback)
+    _cli("databricks", "deploy", "--layout", "orchestration")
+    fast = ("--poll-initial", "0.05", "--poll-max", "0.2", "--json")
+    reports = {}
+    for key in ("orchestration-sequential", "orchestration-parallel"):
+        capsys.readouterr()
+        assert _cli("databricks", "run", key, *fast) == 0
+        reports[key] = json.loads(capsys.readouterr().out)
+    seq, par = reports["orchestration-sequential"], reports["orchestration-parallel"]
+    _check_children(loopback, seq, "SequentialOrchestration")
+    _check_children(loopback, par, "ParallelOrchestration")
+    seq_starts = sorted(c["start_offset_s"] for c in seq["tasks"][0]["children"])
+    # One after another: each child starts after the one before ended.
+    assert all(b - a >= 0.3 for a, b in zip(seq_starts, seq_starts[1:], strict=False))
+    par_starts = [c["start_offset_s"] for c in par["tasks"][0]["children"]]
+    assert max(par_starts) - min(par_starts) < 0.01  # all at once
+
+    # compare: the per-notebook steps are the child runs.
+    capsys.readouterr()
+    from nbpipeline.cli_compare import add_subcommands as add_compare
+
+    parser = argparse.ArgumentParser(prog="nbpipeline")
+    add_compare(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(
+        ["compare", "--json", "--databricks-runs", str(seq["run_id"]), str(par["run_id"])]
+    )
+    assert args.func(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    text = json.dumps(result)
+    assert all(n in text for n in NOTEBOOK_NAMES)
+
+
+def simulate_comparison(loopback: LoopbackDatabricks, seconds: float) -> dict[str, Any]:
+    """Deploy and run the comparison job with notebooks of `seconds` each; figures vs truth."""
+    _short(loopback, seconds)
+    _cli("databricks", "deploy", "--layout", "orchestration", "--cron", "0 2 * * *")
+    report = run_job(
+        make_workspace_client(loopback.host, TOKEN),
+        "comparison",
+        policy=PollPolicy(initial=0.05, maximum=0.5),
+    )
+    assert report.succeeded
+    data = json.loads(json.dumps(report.as_dict()))
+    _check_children(loopback, data, "SequentialOrchestration")
+    _check_children(loopback, data, "ParallelOrchestration")
+    seq, par = report.orchestration_parts()
+    origin = loopback.runs[report.run_id].created
+    deviation = 0.0
+    for part in (seq, par):
+        for child in part.notebook_timings():
+            (truth,) = loopback.timeline(int(child.run_id))["tasks"]
+            start = part.start_time + (child.start_offset_s or 0)
+            deviation = max(deviation, abs(start - truth["start"]))
+    return {
+        "notebook_s": seconds,
+        "sequential_wall_s": seq.duration_s,
+        "parallel_wall_s": par.duration_s,
+        "speedup": round(seq.duration_s / par.duration_s, 2),
+        "comparison_run_s": report.duration_s,
+        "server_run_s": round(
+            max(loopback.timeline(report.run_id)["tasks"][-1]["end"], 0) - origin, 3
+        ),
+        "max_deviation_from_server_s": round(deviation, 4),
+    }
+
+
+def test_comparison_job_runs_both_orchestrations_one_after_another(
+    loopback: LoopbackDatabricks, capsys
+) -> None:
+    figures = simulate_comparison(loopback, 0.4)
+    print(json.dumps(figures))
+    # `databricks run comparison` and `compare --databricks-runs RUN_ID` on the CLI.
+    assert (
+        _cli("databricks", "run", "comparison", "--poll-initial", "0.05", "--poll-max", "0.2") == 0
+    )
+    (latest,) = [
+        r for r in loopback.runs.values() if r.run_type == "JOB_RUN" and r.number_in_job == 2
+    ]
+    capsys.readouterr()
+    parser = argparse.ArgumentParser(prog="nbpipeline")
+    from nbpipeline.cli_compare import add_subcommands as add_compare
+
+    add_compare(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["compare", "--json", "--databricks-runs", str(latest.run_id)])
+    assert args.func(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["sequential"]["mode"] == "sequential" and result["parallel"]["mode"] == "parallel"
+    assert [s["step"] for s in result["parallel"]["steps"]] == list(NOTEBOOK_NAMES)
+    assert figures["sequential_wall_s"] >= 4 * 0.4
+    assert figures["max_deviation_from_server_s"] <= 0.005
+    # The parallel orchestration started only after the sequential one had finished.
+    run = min(
+        (r for r in loopback.runs.values() if r.run_type == "JOB_RUN"), key=lambda r: r.created
+    )
+    tl = {t["task_key"]: t for t in loopback.timeline(run.run_id)["tasks"]}
+    assert tl["ParallelOrchestration"]["start"] >= tl["SequentialOrchestration"]["end"]
+
+
+@pytest.mark.slow
+def test_comparison_job_with_20s_notebooks(loopback: LoopbackDatabricks) -> None:
+    figures = simulate_comparison(loopback, 20.0)
+    print(json.dumps(figures))
+    assert figures["sequential_wall_s"] >= 80 and figures["parallel_wall_s"] < 40
+
+
+# ----------------------------------------------------------------------------------------------
+# Live workspace (skipped unless DATABRICKS_HOST and a token are set)
+# ----------------------------------------------------------------------------------------------
+
+_LIVE = bool(os.environ.get("DATABRICKS_HOST") and os.environ.get("DATABRICKS_TOKEN"))
+live = pytest.mark.skipif(not _LIVE, reason="needs DATABRICKS_HOST and DATABRICKS_TOKEN")
+
+
+@pytest.mark.databricks
+@live
+def test_live_diff_reads_every_job_and_the_workspace_copy(capsys) -> None:
+    # Read-only: deploy would replace the workspace's nbpipeline jobs, so it is not run here.
+    code = _cli("databricks", "diff", "--json")
+    report = json.loads(capsys.readouterr().out)
+    assert code in (0, 1) and [d["name"] for d in report] == [JOB_NAMES[k] for k in JOB_KINDS]
+
+
+@pytest.mark.databricks
+@live
+@pytest.mark.skipif(
+    not os.environ.get("NBPIPELINE_LIVE_RUN_JOBS"),
+    reason="set NBPIPELINE_LIVE_RUN_JOBS=1 to run the deployed comparison job",
+)
+def test_live_comparison_job_reports_child_runs() -> None:
+    host = os.environ["DATABRICKS_HOST"]
+    report = run_job(make_workspace_client(host, os.environ["DATABRICKS_TOKEN"]), "comparison")
+    assert report.succeeded
+    seq, par = report.orchestration_parts()
+    assert sorted(t.task_key for t in seq.notebook_timings()) == list(NOTEBOOK_NAMES)
+    assert sorted(t.task_key for t in par.notebook_timings()) == list(NOTEBOOK_NAMES)
+
+
+def test_widget_values_follow_the_one_rule_and_the_notebooks_default(
+    databricks_env, capsys
+) -> None:
+    # No default of its own: Notebook4's widget default is what deploy writes.
+    nb4 = databricks_env / "Notebook4.py"
+    nb4.write_text(nb4.read_text().replace('"1000.00"', '"250.50"'))
+    out = _dry_run(capsys)
+    params = out["parallel"]["tasks"][3]["notebook_task"]["base_parameters"]
+    assert params["high_value_threshold"] == "250.50"
+    # The same rule as run config and the notebook (at most 6 decimals), for deploy and bundle.
+    for command in ("deploy", "bundle"):
+        extra = ["--out", str(databricks_env.parent / "b")] if command == "bundle" else []
+        with pytest.raises(ConfigError, match="invalid high_value_threshold '1000.1234567'"):
+            _cli("databricks", command, *extra, "--high-value-threshold", "1000.1234567")
+        with pytest.raises(ConfigError, match="invalid target_schema"):
+            _cli("databricks", command, *extra, "--target-schema", "a b")
+
+
+def test_a_retried_task_is_one_timing_with_its_last_outcome(databricks_env) -> None:
+    """A task retried after a Delta conflict is listed once per attempt in the run record."""
+    from databricks.sdk.service import jobs
+
+    def task(attempt: int, start: int, end: int, result: str) -> dict[str, Any]:
+        return {
+            "task_key": "Notebook2",
+            "run_id": 20 + attempt,
+            "attempt_number": attempt,
+            "start_time": start,
+            "end_time": end,
+            "execution_duration": end - start,
+            "state": {"life_cycle_state": "TERMINATED", "result_state": result},
+        }
+
+    run = jobs.Run.from_dict(
+        {
+            "run_id": 10,
+            "start_time": 1_000_000,
+            "end_time": 1_090_000,
+            "run_duration": 90_000,
+            "state": {"life_cycle_state": "TERMINATED", "result_state": "SUCCESS"},
+            "tasks": [
+                task(0, 1_000_000, 1_010_000, "FAILED"),
+                task(1, 1_070_000, 1_090_000, "SUCCESS"),
+            ],
+        }
+    )
+
+    class _NoOutput:
+        class jobs:  # noqa: N801 - stands in for ws.jobs
+            @staticmethod
+            def get_run_output(_run_id: int) -> Any:
+                raise AssertionError("a succeeded task needs no error lookup")
+
+    report = job_run_report(_NoOutput(), "parallel", 1, run)  # type: ignore[arg-type]
+    (timing,) = report.tasks
+    assert timing.result == "SUCCESS" and timing.attempts == 2
+    assert timing.start_offset_s == 0.0 and timing.end_offset_s == 90.0
+    assert "2 attempts (retried)" in report.format_text()

@@ -73,12 +73,17 @@ EXERCISED_BY: dict[str, list[str]] = {
     "nbpipeline databricks diff": [
         "test_databricks_jobs.py::test_diff_shows_hand_edits_and_deploy_reverts_them"
     ],
-    "nbpipeline databricks run parallel": [
-        "test_databricks_jobs.py::test_run_sequential_prints_task_timings_from_the_run_record"
+    "nbpipeline databricks run comparison": [
+        "test_databricks_jobs.py::test_comparison_job_runs_both_orchestrations_one_after_another",
+        "test_databricks_jobs.py::test_run_orchestration_jobs_reports_the_child_runs",
     ],
-    # The comparison of two Databricks run records (fetching them needs a workspace).
-    "nbpipeline compare --databricks-runs SEQ_RUN_ID PAR_RUN_ID": [
-        "test_comparison.py::test_databricks_run_records_feed_the_same_comparison"
+    "nbpipeline compare --databricks-runs COMPARISON_RUN_ID": [
+        "test_databricks_jobs.py::test_comparison_job_runs_both_orchestrations_one_after_another",
+        "test_databricks_jobs.py::test_run_orchestration_jobs_reports_the_child_runs",
+        "test_comparison.py::test_databricks_run_records_feed_the_same_comparison",
+    ],
+    "nbpipeline databricks bundle --out nbpipeline-bundle": [
+        "test_databricks_jobs.py::test_bundle_jobs_are_job_settings_and_match_deploy"
     ],
     "export NBPIPELINE_DELTA_JARS=$HOME/delta-jars": [
         "test_engine.py::test_offline_jars_folder_is_used_as_is"
@@ -91,6 +96,10 @@ NOT_RUN: dict[str, str] = {
     "-DoutputDirectory=$HOME/delta-jars": "Maven, for offline JARs",
     "mvn dependency:copy -Dartifact=io.delta:delta-storage:4.4.0 "
     "-DoutputDirectory=$HOME/delta-jars": "Maven, for offline JARs",
+    "cd DIR && databricks bundle validate -t dev": "the Databricks CLI, for the bundle",
+    "databricks bundle deploy -t dev": "the Databricks CLI, for the bundle",
+    "databricks bundle run -t dev comparison": "the Databricks CLI, for the bundle",
+    "databricks bundle deploy -t prod": "the Databricks CLI, for the bundle",
 }
 
 

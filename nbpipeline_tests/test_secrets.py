@@ -154,6 +154,9 @@ def test_canary_token_never_shows_in_a_run_its_storage_or_the_ui(
     run_id = stdout.strip().splitlines()[-1]
     # The token was really used: the loopback saw it in the auth header.
     assert any(r.authorization == f"Bearer {canary}" for r in loopback.requests)
+    # Four step processes, one sync: each notebook was looked up and uploaded once.
+    notebooks = {r.body["path"] for r in loopback.requests_to("/workspace/import")}
+    assert len(loopback.requests_to("/workspace/import")) == len(notebooks)
     assert canary not in stdout and canary not in stderr
 
     run = instance.get_run_by_id(run_id)
@@ -199,7 +202,9 @@ def test_canary_token_never_shows_in_a_run_its_storage_or_the_ui(
         selector = {
             "repositoryLocationName": "nbpipeline",
             "repositoryName": "__repository__",
-            "resourceName": "notebook_backend",
+            # The credentials live in dagster-databricks' DatabricksClientResource, bound beside
+            # the backend that uses it.
+            "resourceName": "databricks",
         }
         answers.append(graphql(port, RESOURCE_QUERY, {"selector": selector}))
         resource = json.loads(answers[-1])["data"]["topLevelResourceDetailsOrError"]

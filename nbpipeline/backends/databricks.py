@@ -1,11 +1,13 @@
 """Run the project's notebooks on a Databricks workspace.
 
 `DatabricksNotebookBackend` is the Databricks implementation of `NotebookBackend`: it keeps a
-workspace folder in step with the local notebooks, submits one-time runs (`jobs/runs/submit`) with
-the widget values as `base_parameters`, waits for them with adaptive polling, and returns the
-notebook's `dbutils.notebook.exit` JSON.
+per-user workspace folder in step with the local notebooks (once per Dagster run), submits
+one-time runs (`jobs/runs/submit`) with the widget values as `base_parameters`, waits for them
+with adaptive polling, and returns the notebook's `dbutils.notebook.exit` JSON unchanged. A run it
+loses track of is cancelled, or found live and re-attached to by the next attempt.
 
-Secrets: the host and token are read from the environment (`dg.EnvVar("DATABRICKS_HOST")`,
+Secrets: credentials come through dagster-databricks' `DatabricksClientResource`, whose host and
+token are read from the environment (`dg.EnvVar("DATABRICKS_HOST")`,
 `dg.EnvVar("DATABRICKS_TOKEN")`), so Dagster only ever stores and shows the variable *names*. The
 token itself is handed to the Databricks SDK and to nothing else: no log line, exception or
 `NotebookRun` built here contains it. With no token configured the SDK's unified auth finds
@@ -18,6 +20,7 @@ building a workspace client, syncing notebooks, polling a run and cancelling it.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -25,7 +28,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,7 @@ from urllib.parse import urlsplit
 
 import dagster as dg
 import requests
+from dagster_databricks import DatabricksClientResource
 from databricks.sdk import WorkspaceClient
 from databricks.sdk.errors import DatabricksError, NotFound
 from databricks.sdk.service import compute, jobs
@@ -52,7 +56,10 @@ HOST_ENV = "DATABRICKS_HOST"
 TOKEN_ENV = "DATABRICKS_TOKEN"
 CLUSTER_ENV = "DATABRICKS_CLUSTER_ID"
 WORKSPACE_DIR_ENV = "NBPIPELINE_DATABRICKS_WORKSPACE_DIR"
-DEFAULT_WORKSPACE_DIR = "/Shared/nbpipeline"
+# Each user gets their own copy: a shared folder would let any user or branch change the code
+# another user's scheduled job runs. `{user}` is the caller's workspace user name.
+USER_WORKSPACE_DIR = "/Users/{user}/nbpipeline"
+DEFAULT_WORKSPACE_DIR = USER_WORKSPACE_DIR
 
 _LOG = logging.getLogger("nbpipeline.databricks")
 
@@ -128,25 +135,96 @@ def check_workspace_dir(value: str, *, field: str = "workspace_dir") -> str:
         raise ConfigError(f"{field} {value!r} must not contain empty, '.' or '..' segments")
     if any(ch in text for ch in "\n\r\t\"'`"):
         raise ConfigError(f"{field} {value!r} contains quotes or control characters")
+    if "{" in text.replace("{user}", "") or "}" in text.replace("{user}", ""):
+        raise ConfigError(f"{field} {value!r}: the only placeholder allowed is {{user}}")
     return text.rstrip("/")
 
 
-def make_workspace_client(
-    host: str, token: str | None, *, retry_timeout_seconds: int | None = None
-) -> WorkspaceClient:
-    """Build an authenticated SDK client through dagster-databricks' `DatabricksClient`.
+def resolve_workspace_dir(ws: WorkspaceClient, folder: str) -> str:
+    """`folder` with `{user}` replaced by the authenticated user's name (SCIM `Me`)."""
+    if "{user}" not in folder:
+        return folder
+    try:
+        me = ws.current_user.me()
+    except API_ERRORS as exc:
+        raise ConfigError(
+            f"cannot find the current user for workspace folder {folder}: "
+            f"{describe_api_error(exc)}",
+            hint=f"set {WORKSPACE_DIR_ENV} (or --workspace-dir) to a folder",
+        ) from None
+    if not me.user_name:
+        raise ConfigError(f"the workspace reports no user name for {folder}")
+    return folder.replace("{user}", me.user_name)
 
-    With a token this is PAT auth; without one the SDK's default (unified) credential chain runs.
-    Errors from the SDK's config mask sensitive attributes (`token=***`), so they can be shown.
+
+def client_resource_from_env() -> Any:
+    """dagster-databricks' `DatabricksClientResource` bound to the environment with `dg.EnvVar`:
+    DATABRICKS_TOKEN (PAT), else DATABRICKS_CLIENT_ID/SECRET (OAuth M2M), else the Databricks
+    SDK's unified auth (a ~/.databrickscfg profile, Azure CLI, ...)."""
+    from dagster_databricks import DatabricksClientResource
+    from dagster_databricks.resources import OauthCredentials
+    from databricks.sdk.credentials_provider import DefaultCredentials
+
+    kwargs: dict[str, Any] = {"host": dg.EnvVar(HOST_ENV)}
+    if os.environ.get(TOKEN_ENV):
+        kwargs["token"] = dg.EnvVar(TOKEN_ENV)
+    elif os.environ.get("DATABRICKS_CLIENT_ID") and os.environ.get("DATABRICKS_CLIENT_SECRET"):
+        kwargs["oauth_credentials"] = OauthCredentials(
+            client_id=dg.EnvVar("DATABRICKS_CLIENT_ID"),
+            client_secret=dg.EnvVar("DATABRICKS_CLIENT_SECRET"),
+        )
+    else:
+        kwargs["credentials_strategy"] = DefaultCredentials()
+    return DatabricksClientResource(**kwargs)
+
+
+def _resolved_resource(resource: Any, host: str) -> Any:
+    """The resource with EnvVar fields looked up (outside a Dagster run they are still names)."""
+    from dagster_databricks import DatabricksClientResource
+    from dagster_databricks.resources import OauthCredentials
+    from databricks.sdk.credentials_provider import DefaultCredentials
+
+    oauth = resource.oauth_credentials
+    if oauth is not None:
+        oauth = OauthCredentials(
+            client_id=str(_peek(oauth.client_id)), client_secret=str(_peek(oauth.client_secret))
+        )
+    token = _peek(resource.token)
+    strategy = resource.credentials_strategy
+    if not token and oauth is None and resource.azure_credentials is None and strategy is None:
+        strategy = DefaultCredentials()  # no credentials configured: the SDK's unified auth
+    return DatabricksClientResource(
+        host=host,
+        token=str(token) if token else None,
+        oauth_credentials=oauth,
+        azure_credentials=resource.azure_credentials,
+        credentials_strategy=strategy,
+    )
+
+
+def make_workspace_client(
+    host: str,
+    token: str | None,
+    *,
+    retry_timeout_seconds: int | None = None,
+    resource: Any = None,
+) -> WorkspaceClient:
+    """The one place an SDK client is built: through dagster-databricks' `DatabricksClientResource`
+    (`resource`, or one made from `host` and `token`).
+
+    With a token this is PAT auth; without credentials the SDK's unified auth runs. Errors from
+    the SDK's config mask sensitive attributes (`token=***`), so they can be shown.
 
     `retry_timeout_seconds` bounds how long the SDK retries transient failures (429/503,
     refused connections). Its default is 300 s, so a mistyped host would otherwise hang for five
-    minutes; the client is rebuilt from DatabricksClient's config with the bound applied.
+    minutes; the client is rebuilt from the resource's config with the bound applied.
     """
-    from dagster_databricks import DatabricksClient
+    from dagster_databricks import DatabricksClientResource
 
+    if resource is None:
+        resource = DatabricksClientResource(host=host, token=token or None)
     try:
-        client = DatabricksClient(host=host, token=token or None).workspace_client
+        client = _resolved_resource(resource, host).get_client().workspace_client
         if retry_timeout_seconds is None:
             return client
         config = client.config
@@ -170,7 +248,7 @@ def workspace_client_from_env(
         )
     host = normalize_host(raw, field=HOST_ENV)
     return host, make_workspace_client(
-        host, os.environ.get(TOKEN_ENV) or None, retry_timeout_seconds=retry_timeout_seconds
+        host, None, retry_timeout_seconds=retry_timeout_seconds, resource=client_resource_from_env()
     )
 
 
@@ -229,10 +307,33 @@ def _normalized_source(data: bytes) -> str:
 
 
 def notebooks_digest(notebooks: Mapping[str, bytes]) -> str:
+    """SHA-256 of the notebooks' normalized sources, so a workspace export hashes the same."""
     h = hashlib.sha256()
     for name in sorted(notebooks):
-        h.update(name.encode() + b"\0" + notebooks[name] + b"\0")
+        h.update(name.encode() + b"\0" + _normalized_source(notebooks[name]).encode() + b"\0")
     return h.hexdigest()
+
+
+def workspace_notebooks(
+    ws: WorkspaceClient, workspace_dir: str, names: Iterable[str]
+) -> dict[str, bytes | None]:
+    """The workspace copies of `names` in `workspace_dir` (None: missing or not a notebook)."""
+    out: dict[str, bytes | None] = {}
+    for name in sorted(names):
+        try:
+            exported = ws.workspace.export(
+                f"{workspace_dir}/{name}", format=ws_api.ExportFormat.SOURCE
+            )
+        except NotFound:
+            out[name] = None
+            continue
+        except API_ERRORS as exc:
+            if "does not exist" in str(exc) or "doesn't exist" in str(exc):
+                out[name] = None
+                continue
+            raise
+        out[name] = base64.b64decode(exported.content or "")
+    return out
 
 
 def sync_notebooks(
@@ -248,7 +349,7 @@ def sync_notebooks(
     text, not by a hash remembered somewhere. The workspace is the source of truth: a notebook
     edited in the Databricks UI, or uploaded from another machine or CI, is detected and
     restored, which a local hash file could not see; and there is no state to lose or go stale.
-    The cost is one small export per notebook per sync, which happens once per process.
+    The cost is one small export per notebook per sync, which happens once per Dagster run.
     """
     logger = log or _LOG
     try:
@@ -302,10 +403,77 @@ def _remote_matches(ws: WorkspaceClient, path: str, content: bytes) -> bool:
     return _normalized_source(remote) == _normalized_source(content)
 
 
-# One sync per (workspace, folder, local content) per process: four assets starting at once must
-# not upload four times, and later runs in a long-lived process skip the exports entirely.
+# One sync per (workspace, folder, local content) per process, on top of the once-per-run marker:
+# four assets starting at once in one process must not upload four times.
 _SYNC_LOCK = threading.Lock()
 _SYNCED: dict[tuple[str, str], str] = {}
+
+
+@contextlib.contextmanager
+def _host_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` across processes (the step processes of one run)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as handle:
+        if os.name == "nt":  # pragma: no cover - Windows
+            import msvcrt
+
+            handle.seek(0)
+            while True:
+                try:
+                    msvcrt.locking(handle.fileno(), msvcrt.LK_LOCK, 1)
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            try:
+                yield
+            finally:
+                handle.seek(0)
+                msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _run_sync_marker(host: str, workspace_dir: str, dagster_run_id: str) -> Path:
+    """Where the step processes of one Dagster run record that the notebooks were synced."""
+    key = hashlib.sha256(f"{host}\0{workspace_dir}\0{dagster_run_id}".encode()).hexdigest()[:32]
+    return settings.home() / "databricks" / "synced" / key
+
+
+def sync_once_per_run(
+    ws: WorkspaceClient,
+    host: str,
+    workspace_dir: str,
+    local: Mapping[str, bytes],
+    *,
+    log: logging.Logger,
+) -> bool:
+    """Sync the notebooks unless this Dagster run already did (in any of its step processes);
+    outside a Dagster run, once per process. True if this call synced."""
+    digest = notebooks_digest(local)
+    key = (host, workspace_dir)
+    with _SYNC_LOCK:
+        if _SYNCED.get(key) == digest:
+            return False
+        step = _current_dagster_step()
+        if step is None:
+            sync_notebooks(ws, workspace_dir, local, log=log)
+            _SYNCED[key] = digest
+            return True
+        marker = _run_sync_marker(host, workspace_dir, step[0])
+        with _host_lock(marker.with_suffix(".lock")):
+            if marker.is_file() and marker.read_text() == digest:
+                _SYNCED[key] = digest
+                return False
+            sync_notebooks(ws, workspace_dir, local, log=log)
+            marker.write_text(digest)
+        _SYNCED[key] = digest
+        return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -454,6 +622,33 @@ def fetch_error(ws: WorkspaceClient, task_run_id: int) -> tuple[str | None, str 
     return out.error, out.error_trace
 
 
+def find_live_run(
+    ws: WorkspaceClient, notebook_path: str, parameters: Mapping[str, str]
+) -> int | None:
+    """A one-time run of `notebook_path` with exactly `parameters` that is still active, if any.
+
+    Listed from the workspace (active submit runs), so it finds runs started by an earlier step
+    attempt or an earlier Dagster run whose step lost track of them.
+    """
+    try:
+        runs = ws.jobs.list_runs(
+            active_only=True, run_type=jobs.RunType.SUBMIT_RUN, expand_tasks=True
+        )
+        for run in runs:
+            for task in run.tasks or []:
+                nb = task.notebook_task
+                if (
+                    nb is not None
+                    and nb.notebook_path == notebook_path
+                    and dict(nb.base_parameters or {}) == dict(parameters)
+                    and not is_terminal(task)
+                ):
+                    return int(run.run_id or 0) or None
+    except API_ERRORS as exc:
+        _LOG.warning("could not list active runs (%s)", describe_api_error(exc))
+    return None
+
+
 def _current_dagster_step() -> tuple[str, str, int] | None:
     """(run id, step key, retry number) of the Dagster step running this code, if any."""
     try:
@@ -521,26 +716,21 @@ class DatabricksNotebookBackend(NotebookBackend):
     `dg.EnvVar`, so neither value is written into Dagster config, run config or the UI.
     """
 
-    host: str = Field(
+    databricks: DatabricksClientResource = Field(
         description=(
-            "Workspace URL, e.g. https://adb-1234.5.azuredatabricks.net. Bind it with "
-            "dg.EnvVar('DATABRICKS_HOST') so only the variable name is stored in Dagster."
+            "dagster-databricks' DatabricksClientResource: the workspace URL and credentials. "
+            "Bind host and token with dg.EnvVar('DATABRICKS_HOST') / dg.EnvVar('DATABRICKS_TOKEN') "
+            "(or OAuth client id and secret) so Dagster stores and shows only the variable names; "
+            "`from_env` does. Without credentials the Databricks SDK's unified auth finds them."
         )
-    )
-    token: str | None = Field(
-        default=None,
-        description=(
-            "Personal access token. Bind it with dg.EnvVar('DATABRICKS_TOKEN'), never as a literal, "
-            "so Dagster stores and shows only the variable name. Leave unset to let the Databricks "
-            "SDK's unified auth find credentials (DATABRICKS_CLIENT_ID/SECRET for OAuth M2M, a "
-            "~/.databrickscfg profile, Azure CLI, ...)."
-        ),
     )
     workspace_dir: str = Field(
         default=DEFAULT_WORKSPACE_DIR,
         description=(
-            "Workspace folder the local notebooks are synced into and run from; every *.py in the "
-            "notebooks folder goes there (Notebook1..4 and the %run helpers)."
+            "Workspace folder the local notebooks are synced into (once per Dagster run) and run "
+            "from; every *.py in the notebooks folder goes there (Notebook1..4 and the %run "
+            "helpers). Default /Users/{user}/nbpipeline, {user} being the authenticated user, so "
+            "no other user or branch overwrites the code your runs use; /Shared/... only if set."
         ),
     )
     existing_cluster_id: str | None = Field(
@@ -618,7 +808,8 @@ class DatabricksNotebookBackend(NotebookBackend):
         """
         if not isinstance(values, dict):
             return values
-        raw_host = values.get("host")
+        resource = values.get("databricks")
+        raw_host = getattr(resource, "host", None)
         host = _peek(raw_host)
         if not host:
             env = _env_name(raw_host)
@@ -628,7 +819,7 @@ class DatabricksNotebookBackend(NotebookBackend):
                 hint=f"export {HOST_ENV}=https://<workspace>",
             )
         normalize_host(str(host), field="host")
-        raw_token = values.get("token")
+        raw_token = getattr(resource, "token", None)
         if isinstance(raw_token, dg.EnvVar) and not raw_token.get_value():
             raise ConfigError(
                 f"token: environment variable {raw_token.env_var_name} is not set",
@@ -675,15 +866,13 @@ class DatabricksNotebookBackend(NotebookBackend):
 
     @classmethod
     def from_env(cls, **overrides: Any) -> DatabricksNotebookBackend:
-        """The resource as nbpipeline binds it: host/token via dg.EnvVar, compute from the env.
+        """The resource as nbpipeline binds it: credentials through `client_resource_from_env`
+        (dg.EnvVar), compute from the environment.
 
         Compute, unless given in `overrides`: DATABRICKS_CLUSTER_ID (an existing cluster) if set,
-        else serverless. The token is bound only if DATABRICKS_TOKEN is set (checked, not read);
-        otherwise the SDK's unified auth finds credentials itself.
+        else serverless.
         """
-        kwargs: dict[str, Any] = {"host": dg.EnvVar(HOST_ENV)}
-        if os.environ.get(TOKEN_ENV):
-            kwargs["token"] = dg.EnvVar(TOKEN_ENV)
+        kwargs: dict[str, Any] = {"databricks": client_resource_from_env()}
         if os.environ.get(WORKSPACE_DIR_ENV):
             kwargs["workspace_dir"] = dg.EnvVar(WORKSPACE_DIR_ENV)
         if not {"existing_cluster_id", "new_cluster", "serverless"} & overrides.keys():
@@ -747,6 +936,14 @@ class DatabricksNotebookBackend(NotebookBackend):
             **self._compute(),
         )
         try:
+            live = find_live_run(ws, path, widgets)
+            tokens = [] if live is not None else tokens
+            if live is not None:
+                # A run of this notebook with these values is still going (an earlier attempt or
+                # a re-executed Dagster run lost track of it): wait for it, never start a second.
+                logger.warning("%s: re-attaching to live Databricks run %s", notebook, live)
+                run_id = live
+                token = "re-attached"
             for i, token in enumerate(tokens):
                 waiter = ws.jobs.submit(
                     run_name=f"{self.run_name_prefix} {notebook}",
@@ -790,8 +987,29 @@ class DatabricksNotebookBackend(NotebookBackend):
             cancel_run_quietly(ws, run_id, log=logger, timeout=self.cancel_timeout_seconds)
             raise
         except API_ERRORS as exc:
+            # Never leave a run going that nobody watches: cancel it. If even that fails, the
+            # next attempt or re-execution finds it live (find_live_run) and waits for it.
+            cancelled = cancel_run_quietly(
+                ws, run_id, log=logger, timeout=self.cancel_timeout_seconds
+            )
+            if cancelled:
+                # Wait (briefly) until it is really over, so a retry sees it ended.
+                with contextlib.suppress(*API_ERRORS, RunDeadlineExceeded):
+                    wait_for_run(
+                        ws,
+                        run_id,
+                        deadline=time.monotonic() + self.cancel_timeout_seconds,
+                        policy=self._policy(),
+                        log=logger,
+                        label=notebook,
+                    )
+            outcome = (
+                "it was cancelled"
+                if cancelled
+                else "cancelling it failed too; a retry or re-execution re-attaches to it"
+            )
             raise NotebookError(
-                f"lost track of Databricks run {run_id} ({describe_api_error(exc)}); it may still be running",
+                f"lost track of Databricks run {run_id} ({describe_api_error(exc)}); {outcome}",
                 notebook=notebook,
                 run_id=run_id,
             ) from None
@@ -815,10 +1033,17 @@ class DatabricksNotebookBackend(NotebookBackend):
     # -- internals ------------------------------------------------------------------------------
 
     def _host(self) -> str:
-        return normalize_host(str(_peek(self.host) or ""), field="host")
+        return normalize_host(str(_peek(self.databricks.host) or ""), field="host")
 
     def _workspace_dir(self) -> str:
-        return check_workspace_dir(str(_peek(self.workspace_dir) or DEFAULT_WORKSPACE_DIR))
+        folder = check_workspace_dir(str(_peek(self.workspace_dir) or DEFAULT_WORKSPACE_DIR))
+        if "{user}" not in folder:
+            return folder
+        resolved = getattr(self._clients, "workspace_dir", None)
+        if resolved is None:
+            resolved = resolve_workspace_dir(self._client(), folder)
+            self._clients.workspace_dir = resolved
+        return resolved
 
     def _policy(self) -> PollPolicy:
         return PollPolicy(self.poll_initial_seconds, self.poll_max_seconds, self.poll_backoff)
@@ -828,11 +1053,11 @@ class DatabricksNotebookBackend(NotebookBackend):
         # assets may call run_notebook from several threads at once.
         client = getattr(self._clients, "client", None)
         if client is None:
-            token = _peek(self.token)
             client = make_workspace_client(
                 self._host(),
-                str(token) if token else None,
+                None,
                 retry_timeout_seconds=self.retry_timeout_seconds,
+                resource=self.databricks,
             )
             self._clients.client = client
         return client
@@ -846,14 +1071,7 @@ class DatabricksNotebookBackend(NotebookBackend):
         return {}  # serverless: a notebook task with no compute runs on serverless jobs compute
 
     def _ensure_synced(self, ws: WorkspaceClient, log: logging.Logger) -> None:
-        local = local_notebooks()
-        digest = notebooks_digest(local)
-        key = (self._host(), self._workspace_dir())
-        with _SYNC_LOCK:
-            if _SYNCED.get(key) == digest:
-                return
-            sync_notebooks(ws, key[1], local, log=log)
-            _SYNCED[key] = digest
+        sync_once_per_run(ws, self._host(), self._workspace_dir(), local_notebooks(), log=log)
 
     def _finish(
         self,
