@@ -2,9 +2,9 @@
 the REST API, so databricks-sdk's own client (auth header, JSON, error mapping, retries) runs
 unmodified against it.
 
-Covered: workspace get-status / import / export / mkdirs; jobs list (paginated with
-page_token / next_page_token / has_more), create, reset, get, run-now; runs submit, get,
-get-output, cancel, list.
+Covered: current user (scim Me); workspace get-status / import / export / mkdirs; jobs list
+(paginated with page_token / next_page_token / has_more), create, reset, get, run-now; runs
+submit, get, get-output, cancel, list.
 
 Runs follow realistic life cycles computed from the wall clock: PENDING (queue, then cluster
 setup) -> RUNNING -> TERMINATING -> TERMINATED with result SUCCESS / FAILED / TIMEDOUT /
@@ -340,6 +340,12 @@ class LoopbackDatabricks:
     def _injected(inj: dict[str, Any]) -> tuple[int, dict, dict]:
         headers = {"Retry-After": str(inj["retry_after"])} if inj["retry_after"] is not None else {}
         return inj["status"], {"error_code": inj["code"], "message": inj["message"]}, headers
+
+    # -- identity ---------------------------------------------------------------------------------
+
+    def _current_user(self, _q: dict, _b: dict) -> dict:
+        """`current_user.me()`: what nbpipeline's reachability check calls."""
+        return {"id": "1", "userName": self.user, "active": True}
 
     # -- workspace --------------------------------------------------------------------------------
 
@@ -1027,6 +1033,7 @@ def _normalize(path: str) -> str:
 
 
 _ROUTES: dict[tuple[str, str], Callable[[LoopbackDatabricks, dict, dict], dict]] = {
+    ("GET", "/api/2.0/preview/scim/v2/Me"): LoopbackDatabricks._current_user,
     ("GET", "/api/2.0/workspace/get-status"): LoopbackDatabricks._ws_get_status,
     ("GET", "/api/2.0/workspace/export"): LoopbackDatabricks._ws_export,
     ("POST", "/api/2.0/workspace/import"): LoopbackDatabricks._ws_import,

@@ -145,6 +145,10 @@ def make_workspace_client(
     """
     from dagster_databricks import DatabricksClient
 
+    from nbpipeline import reachability
+
+    # In seconds, not after the SDK's retry window: wrong host, TLS failure, bad credentials.
+    reachability.check_databricks(host, token or None)
     try:
         client = DatabricksClient(host=host, token=token or None).workspace_client
         if retry_timeout_seconds is None:
