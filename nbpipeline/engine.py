@@ -517,6 +517,7 @@ def get_spark(
         with contextlib.suppress(Exception):
             cached.stop()
         _sessions.pop(url, None)
+    session = None
     try:
         # pyspark warns (with a source line) when its retries run out; the error below says it.
         with warnings.catch_warnings():
@@ -525,6 +526,11 @@ def get_spark(
             _bound_retries(session, pid)
             session.sql("SELECT 1").collect()
     except Exception as exc:  # grpc errors carry long traces; keep the status and details
+        if session is not None:
+            # Closed without the release call: an unused client left open would retry its
+            # clean-up calls against the server when the interpreter exits.
+            with contextlib.suppress(Exception):
+                session.client.close()
         if pid is not None and not _pid_alive(pid):
             raise went_away(pid, f"connecting to {redact(url)}", exc) from None
         refused = reachability.spark_connect_error(url, exc)

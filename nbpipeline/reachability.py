@@ -19,6 +19,7 @@ import os
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -37,8 +38,13 @@ CONNECT_TIMEOUT_S = 5.0
 TLS_TIMEOUT_S = 5.0
 AUTH_TIMEOUT_S = 15.0
 
+#: How long a failed check is remembered in a process: the remaining steps of a run in the
+#: same process report the same error at once instead of checking again.
+FAILED_MEMORY_S = 60.0
+
 _passed: set[str] = set()
-_passed_lock = threading.Lock()
+_failed: dict[str, tuple[float, UnreachableError]] = {}
+_memory_lock = threading.Lock()
 
 
 class _Timeout(Exception):
@@ -66,20 +72,31 @@ def _bounded(fn: Callable[[], T], timeout_s: float) -> T:
     return box["value"]
 
 
-def _remembered(key: str) -> bool:
-    with _passed_lock:
-        return key in _passed
-
-
-def _remember(key: str) -> None:
-    with _passed_lock:
+def _checked(key: str, check: Callable[[], None]) -> None:
+    """Run `check` unless it passed in this process, or failed within FAILED_MEMORY_S."""
+    with _memory_lock:
+        if key in _passed:
+            return
+        failed = _failed.get(key)
+    if failed is not None and time.monotonic() - failed[0] < FAILED_MEMORY_S:
+        error = failed[1]
+        raise UnreachableError(error.message, setting=error.setting, hint=error.hint)
+    try:
+        check()
+    except UnreachableError as exc:
+        with _memory_lock:
+            _failed[key] = (time.monotonic(), exc)
+        raise
+    with _memory_lock:
         _passed.add(key)
+        _failed.pop(key, None)
 
 
 def forget() -> None:
-    """Forget the checks that passed in this process (tests)."""
-    with _passed_lock:
+    """Forget every check's outcome in this process (tests)."""
+    with _memory_lock:
         _passed.clear()
+        _failed.clear()
 
 
 def _fingerprint(*parts: str | None) -> str:
@@ -182,13 +199,15 @@ def _grpc_roots() -> str | None:
 def check_spark_remote(url: str, *, setting: str | None = None) -> None:
     """Check a Spark Connect URL: host resolves, port accepts, TLS handshake if the URL asks for
     it (`use_ssl=true`, or a `token`, which pyspark sends over TLS only)."""
-    from pyspark.sql.connect.client.core import DefaultChannelBuilder
 
     setting = setting or spark_setting(url)
+    _checked("spark\0" + _fingerprint(url), lambda: _check_spark_remote(url, setting))
+
+
+def _check_spark_remote(url: str, setting: str) -> None:
+    from pyspark.sql.connect.client.core import DefaultChannelBuilder
+
     shown = f"the Spark engine at {redact(url)} ({setting})"
-    key = "spark\0" + _fingerprint(url)
-    if _remembered(key):
-        return
     try:
         builder = DefaultChannelBuilder(url)
     except Exception as exc:  # pyspark's own URL errors are clear, but multi-line
@@ -218,7 +237,6 @@ def check_spark_remote(url: str, *, setting: str | None = None) -> None:
             )
     finally:
         sock.close()
-    _remember(key)
 
 
 def spark_connect_error(url: str, error: BaseException) -> UnreachableError | None:
@@ -333,15 +351,17 @@ def check_databricks(host: str, token: str | None = None) -> None:
     `host` is the normalized workspace URL; `token` a PAT, or None for the SDK's unified auth
     (OAuth M2M variables, a config profile, ...).
     """
+    auth_env = [f"{n}={os.environ[n]}" for n in sorted(os.environ) if n.startswith("DATABRICKS_")]
+    key = "databricks\0" + _fingerprint(host, token, *auth_env)
+    _checked(key, lambda: _check_databricks(host, token))
+
+
+def _check_databricks(host: str, token: str | None) -> None:
     from databricks.sdk import WorkspaceClient
     from databricks.sdk.config import Config
     from databricks.sdk.errors import DatabricksError, PermissionDenied, Unauthenticated
 
     shown = f"Databricks at {host} ({HOST_ENV})"
-    auth_env = [os.environ.get(n) for n in sorted(os.environ) if n.startswith("DATABRICKS_")]
-    key = "databricks\0" + _fingerprint(host, token, *auth_env)
-    if _remembered(key):
-        return
     parts = urlsplit(host)
     hostname = parts.hostname or ""
     port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -397,7 +417,6 @@ def check_databricks(host: str, token: str | None = None) -> None:
             setting="credentials",
             hint=_credential_hint(holder.get("auth_type")),
         ) from None
-    _remember(key)
 
 
 def _one_line(exc: BaseException) -> str:
