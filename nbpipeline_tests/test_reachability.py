@@ -29,7 +29,8 @@ import dagster as dg
 import pytest
 
 from nbpipeline import engine, reachability
-from nbpipeline.errors import UnreachableError
+from nbpipeline.backends.base import NotebookBackend
+from nbpipeline.errors import NotebookError, UnreachableError
 from nbpipeline.settings import PROJECT_ROOT
 from nbpipeline_tests.conftest import _free_port
 from nbpipeline_tests.conftest_databricks import (
@@ -479,3 +480,76 @@ def test_cli_prints_one_error_and_a_hint_in_seconds_and_writes_nothing(
     assert secret not in out + err
     assert took < CLI_BOUND_S, f"took {took:.1f}s"
     assert [p.name for p in home.iterdir()] == []  # no Dagster run, no storage created
+
+
+@pytest.mark.dagster
+def test_a_local_step_with_an_unreachable_remote_fails_fast_and_hides_the_token(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from nbpipeline.assets import NOTEBOOK_ASSETS
+    from nbpipeline.backends.local import LocalNotebookBackend
+
+    token = canary("sc")
+    monkeypatch.setenv("NBPIPELINE_SPARK_REMOTE", f"sc://127.0.0.1:{_free_port()}/;token={token}")
+    instance = dg.DagsterInstance.ephemeral()
+    started = time.monotonic()
+    result = dg.materialize(
+        [NOTEBOOK_ASSETS["Notebook1"]],
+        resources={"notebook_backend": LocalNotebookBackend()},
+        instance=instance,
+        raise_on_error=False,
+    )
+    assert time.monotonic() - started < CLI_BOUND_S
+    assert not result.success
+    assert dg.DagsterEventType.STEP_UP_FOR_RETRY not in [e.event_type for e in result.all_events]
+    texts = [str(e) for e in instance.all_logs(result.run_id)]
+    assert any("sc://127.0.0.1" in t and "token=***" in t for t in texts)  # engine address
+    assert not [t[:200] for t in texts if token in t]
+
+
+class _LeakyBackend(NotebookBackend):
+    """Fails first with an unexpected (transient) error, then with a notebook error; both
+    carry the secret of MY_API_TOKEN in their text, as a careless library might."""
+
+    @property
+    def backend_name(self) -> str:
+        return "leaky"
+
+    def engine_address(self) -> str:
+        return "leaky://engine"
+
+    def run_notebook(self, notebook: str, parameters: Any, **_: Any) -> Any:
+        secret = os.environ["MY_API_TOKEN"]
+        if not _LEAKY_CALLS:
+            _LEAKY_CALLS.append(notebook)
+            raise RuntimeError(f"connection reset talking to api?key={secret}")
+        raise NotebookError(
+            f"failed with key {secret}", notebook=notebook, traceback_text=f"at {secret}"
+        )
+
+
+_LEAKY_CALLS: list[str] = []
+
+
+@pytest.mark.dagster
+def test_a_secret_in_any_step_error_never_reaches_the_event_log(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from nbpipeline.assets import NOTEBOOK_ASSETS
+
+    secret = canary("api")
+    monkeypatch.setenv("MY_API_TOKEN", secret)
+    _LEAKY_CALLS.clear()
+    instance = dg.DagsterInstance.ephemeral()
+    result = dg.materialize(
+        [NOTEBOOK_ASSETS["Notebook1"]],
+        resources={"notebook_backend": _LeakyBackend()},
+        instance=instance,
+        raise_on_error=False,
+    )
+    assert not result.success
+    kinds = [e.event_type for e in result.all_events]
+    assert dg.DagsterEventType.STEP_UP_FOR_RETRY in kinds  # the transient one was retried
+    texts = [str(e) for e in instance.all_logs(result.run_id)]
+    assert any("api?key=***" in t for t in texts) and any("failed with key ***" in t for t in texts)
+    assert not [t[:200] for t in texts if secret in t]
