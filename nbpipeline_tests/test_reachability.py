@@ -191,6 +191,23 @@ def test_spark_remote_unknown_host(monkeypatch: pytest.MonkeyPatch) -> None:
     )
 
 
+def test_a_hanging_name_lookup_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resolver that never answers (an unreachable DNS server) costs DNS_TIMEOUT_S, not the
+    resolver's own minutes of retries."""
+    real = socket.getaddrinfo
+
+    def hanging(host: str, *args: Any, **kwargs: Any) -> Any:
+        if host == "slow-dns.example":
+            time.sleep(120)
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging)
+    token = canary("sc")
+    err, took = _spark_error(f"sc://slow-dns.example:15002/;token={token}", monkeypatch)
+    assert_one_clean_line(err, [token], "resolving host 'slow-dns.example' took longer than 5s")
+    assert took < reachability.DNS_TIMEOUT_S + 10
+
+
 def test_spark_remote_untrusted_certificate(
     tls_server: _TlsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
