@@ -131,6 +131,11 @@ class RedactingStream(io.TextIOBase):
     def writable(self) -> bool:
         return True
 
+    def __getattr__(self, name: str) -> object:
+        # Anything else (e.g. `buffer`) is the wrapped stream's, so callers that expect a real
+        # console stream keep working.
+        return getattr(self._stream, name)
+
 
 @contextlib.contextmanager
 def redacting_std_streams() -> Iterator[None]:
