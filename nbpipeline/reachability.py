@@ -177,6 +177,49 @@ def tls_handshake(
 
 # --------------------------------------------------------------------------- Spark Connect
 
+# The HTTP/2 client preface and an empty SETTINGS frame: every gRPC server answers them with a
+# SETTINGS frame of its own, which tells a plaintext gRPC port from a TLS or HTTP/1 one.
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+_H2_SETTINGS = 0x04
+
+
+def h2_handshake(sock: socket.socket, *, setting: str, shown: str) -> None:
+    """Check that a plaintext port speaks HTTP/2 (gRPC) within TLS_TIMEOUT_S."""
+    sock.settimeout(TLS_TIMEOUT_S)
+    answer = b""
+    try:
+        sock.sendall(_H2_PREFACE)
+        while len(answer) < 9:
+            chunk = sock.recv(9 - len(answer))
+            if not chunk:
+                break
+            answer += chunk
+    except TimeoutError:
+        detail = f"it accepted the connection but sent no answer within {TLS_TIMEOUT_S:.0f}s"
+    except ConnectionResetError:
+        detail = "it reset the plaintext connection"
+    except OSError as exc:
+        detail = f"it closed the connection ({exc.strerror or exc})"
+    else:
+        detail = "it closed the connection without answering"
+    if len(answer) >= 4 and answer[3] == _H2_SETTINGS:
+        return
+    if answer[:1] in (b"\x15", b"\x16") or "reset" in detail:
+        # A TLS record (alert or handshake), or a reset: a TLS server rejecting plaintext.
+        detail = "it answered with TLS" if answer else detail
+        raise UnreachableError(
+            f"cannot reach {shown}: the server probably expects TLS ({detail})",
+            setting=setting,
+            hint=f"add ;use_ssl=true to {setting} (e.g. sc://host:port/;use_ssl=true)",
+        )
+    if answer.startswith(b"HTTP/"):
+        detail = "it answers HTTP/1, not gRPC"
+    raise UnreachableError(
+        f"cannot reach {shown}: not a Spark Connect (gRPC) server: {detail}",
+        setting=setting,
+        hint=f"check the port in {setting} (Spark Connect listens on 15002 by default)",
+    )
+
 
 def spark_setting(url: str) -> str:
     """The setting a Spark Connect URL came from, for messages."""
@@ -197,8 +240,9 @@ def _grpc_roots() -> str | None:
 
 
 def check_spark_remote(url: str, *, setting: str | None = None) -> None:
-    """Check a Spark Connect URL: host resolves, port accepts, TLS handshake if the URL asks for
-    it (`use_ssl=true`, or a `token`, which pyspark sends over TLS only)."""
+    """Check a Spark Connect URL: host resolves, port accepts, then a TLS handshake if the URL
+    asks for TLS (`use_ssl=true`, or a `token`, which pyspark sends over TLS only), else an
+    HTTP/2 handshake (a plaintext gRPC port)."""
 
     setting = setting or spark_setting(url)
     _checked("spark\0" + _fingerprint(url), lambda: _check_spark_remote(url, setting))
@@ -222,7 +266,9 @@ def _check_spark_remote(url: str, setting: str) -> None:
     try:
         # pyspark uses TLS when use_ssl=true or a token is set, except to "localhost" without
         # use_ssl (local channel credentials).
-        if builder.secure and not (builder.host == "localhost" and not builder.use_ssl):
+        if not builder.secure or (builder.host == "localhost" and not builder.use_ssl):
+            h2_handshake(sock, setting=setting, shown=shown)
+        else:
             tls_handshake(
                 sock,
                 host,

@@ -219,6 +219,26 @@ def test_spark_remote_untrusted_certificate(
     )
 
 
+def test_spark_remote_plaintext_url_to_a_tls_server(
+    tls_server: _TlsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other TLS mismatch: the URL says plaintext, the server speaks TLS (pyspark alone
+    retried this for about a minute)."""
+    err, _ = _spark_error(f"sc://127.0.0.1:{tls_server.port}", monkeypatch)
+    assert_one_clean_line(
+        err, [], "the server probably expects TLS", "add ;use_ssl=true to NBPIPELINE_SPARK_REMOTE"
+    )
+
+
+def test_spark_remote_port_of_an_http1_server(
+    loopback: LoopbackDatabricks,  # noqa: F811 - the fixture
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    port = loopback.host.rsplit(":", 1)[1]
+    err, _ = _spark_error(f"sc://127.0.0.1:{port}", monkeypatch)
+    assert_one_clean_line(err, [], "not a Spark Connect (gRPC) server", "check the port")
+
+
 def test_spark_remote_silent_server_times_out(
     silent_server: _Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
