@@ -1,11 +1,12 @@
 """Is the engine or workspace a setting names reachable? Answered in seconds, before any work.
 
-A mistyped host or port is not a transient failure: the Spark Connect client would retry it for
-a minute and a half and the Databricks SDK for five minutes (per step), then report an object's
-repr. So before a command or a run starts work, each remote endpoint is checked once, with
-short bounds and no retries, step by step: the name resolves (DNS, bounded: a resolver can hang),
-the port accepts a TCP connection, the TLS handshake succeeds when the URL asks for TLS, and, for
-Databricks, one cheap authenticated call (`current_user.me()`) is accepted. Each failure is an
+A mistyped host or port is not a transient failure, yet the Spark Connect client and the
+Databricks SDK (whose default retry window is 300 s, per call) retry it for minutes and then
+report an object's repr. So before a command or a run starts work, each remote endpoint is
+checked once, with short bounds and no retries, step by step: the name resolves (DNS, bounded: a
+resolver can hang), the port accepts a TCP connection, a TLS handshake succeeds when the URL asks
+for TLS (else an HTTP/2 handshake, for a plaintext gRPC port), and, for Databricks, one cheap
+authenticated call (`current_user.me()`) is accepted. Each failure is an
 `UnreachableError` (never retried) with one line naming the setting to check and a hint.
 
 A check that passed is remembered for the rest of the process: once a run is under way, a

@@ -7,8 +7,8 @@ the loopback Databricks workspace answering 401 or 403. Every case carries a can
 the setting that holds one (the `token=` of an sc:// URL, DATABRICKS_TOKEN,
 DATABRICKS_CLIENT_SECRET, DATABRICKS_PASSWORD), and the tests assert the message, the hint, the
 bound, and that the canary appears nowhere: not in the error, the CLI's output, nor any Dagster
-event. The bounds are generous for a loaded 2-core machine; before this check the same cases
-took 100 s (Spark Connect retries) and 5 minutes per step (Databricks SDK retries).
+event. The bounds are generous for a loaded 2-core machine and still far below the client
+libraries' retry windows (minutes), which is what they guard against.
 """
 
 from __future__ import annotations
