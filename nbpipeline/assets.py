@@ -33,6 +33,7 @@ from nbpipeline.errors import (
 )
 from nbpipeline.identifiers import parse_schema, parse_table
 from nbpipeline.metadata import ROW_COUNT_KEY, TABLE_KEY, URI_KEY, table_metadata
+from nbpipeline.redact import redact, scrub
 from nbpipeline.resources import spark_session
 from nbpipeline.runtime import declared_widgets
 from nbpipeline.tables import OUTPUT_KEYS, OUTPUT_TABLES
@@ -253,7 +254,7 @@ def is_transient(exc: BaseException) -> bool:
 
 def _failure(notebook: str, exc: Exception) -> dg.Failure:
     """A one-line, non-retried step failure carrying the details as metadata."""
-    text = str(exc)
+    text = redact(str(exc))
     metadata: dict[str, Any] = {"notebook": notebook, "error": text}
     if isinstance(exc, NotebookError):
         if exc.cell is not None:
@@ -328,12 +329,16 @@ def execute_notebook_step(
         # run's log and `nbpipeline run`'s progress.
         attempt = context.retry_number + 1
         left = RETRY_POLICY.max_retries - context.retry_number
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = redact(str(exc)).strip()
+        detail = text.splitlines()[0] if text else type(exc).__name__
         context.log.warning(
             f"{notebook}: transient failure on attempt {attempt} "
             f"({'retrying' if left > 0 else 'no retries left'}): {detail[:300]}"
         )
-        raise
+        clean = scrub(exc)  # the event log stores the exception's text
+        if clean is exc:
+            raise
+        raise clean from None
     _tag_source_version(context, run)
     by_asset = {str(t.get("asset")): t for t in run.tables}
     for name in notebook_tables(notebook):

@@ -230,6 +230,14 @@ def _add_optional_commands(sub: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from nbpipeline.redact import redacting_std_streams
+
+    # Everything the CLI prints (progress, errors, a traceback) passes through the redaction.
+    with redacting_std_streams():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

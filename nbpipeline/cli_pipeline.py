@@ -315,8 +315,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     # Load (and so validate) the definitions first: bad settings (schedule, backend) are refused
     # before anything is written, the first-run seeding included.
-    from nbpipeline import definitions  # noqa: F401
+    from nbpipeline import definitions, reachability
+    from nbpipeline.resources import NOTEBOOK_BACKEND_KEY
 
+    # One reachability check per run, before a run is created or a source seeded: a wrong
+    # address or credential is reported in seconds, and the steps do not each wait it out.
+    reachability.check_backend(definitions.defs.resources[NOTEBOOK_BACKEND_KEY])
     _seed_default_source_if_missing(run_config)
     if not args.dagster_log:
         # The progress lines below say what happened; Dagster's console logger would repeat

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +37,9 @@ from typing import TYPE_CHECKING
 import psutil
 import pyspark
 
-from nbpipeline import settings
+from nbpipeline import reachability, settings
 from nbpipeline.errors import EngineError, EngineGoneError, JarsError
+from nbpipeline.redact import redact
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -339,7 +341,7 @@ def status(config: EngineConfig | None = None) -> dict:
         "home": str(config.home),
         "log": str(config.state_dir / "server.log"),
         "started_at": state.get("started_at") if running else None,
-        "remote": os.environ.get("NBPIPELINE_SPARK_REMOTE") or None,
+        "remote": redact(os.environ.get("NBPIPELINE_SPARK_REMOTE")) or None,
     }
 
 
@@ -495,6 +497,8 @@ def get_spark(
     url = remote or os.environ.get("NBPIPELINE_SPARK_REMOTE")
     if url:
         url = engine_url(url)
+        # A wrong address or port is reported in seconds instead of after the client's retries.
+        reachability.check_spark_remote(url)
     elif autostart:
         url = start(progress=progress)
     else:
@@ -513,15 +517,30 @@ def get_spark(
         with contextlib.suppress(Exception):
             cached.stop()
         _sessions.pop(url, None)
+    session = None
     try:
-        session = SparkSession.builder.remote(url).create()
-        _bound_retries(session, pid)
-        session.sql("SELECT 1").collect()
-    except Exception as exc:  # grpc errors carry long traces; keep the first line
+        # pyspark warns (with a source line) when its retries run out; the error below says it.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            session = SparkSession.builder.remote(url).create()
+            _bound_retries(session, pid)
+            session.sql("SELECT 1").collect()
+    except Exception as exc:  # grpc errors carry long traces; keep the status and details
+        if session is not None:
+            # Closed without the release call: an unused client left open would retry its
+            # clean-up calls against the server when the interpreter exits.
+            with contextlib.suppress(Exception):
+                session.client.close()
         if pid is not None and not _pid_alive(pid):
-            raise went_away(pid, f"connecting to {url}", exc) from None
+            raise went_away(pid, f"connecting to {redact(url)}", exc) from None
+        refused = reachability.spark_connect_error(url, exc)
+        if refused is not None:
+            raise refused from None
         raise EngineError(
-            f"cannot connect to the Spark engine at {url}: {str(exc).strip().splitlines()[0]}"
+            f"cannot connect to the Spark engine at {redact(url)}: {grpc_summary(exc)[:300]}",
+            hint="check NBPIPELINE_SPARK_REMOTE, or unset it to use the local engine"
+            if remote or os.environ.get("NBPIPELINE_SPARK_REMOTE")
+            else "run `nbpipeline engine status`; its log says why the engine does not answer",
         ) from None
     _sessions[url] = session
     return session

@@ -1,16 +1,22 @@
 """One family of errors, so callers (CLI, Dagster assets) can show a one-line message.
 
 Every error raised on purpose by nbpipeline derives from `NbPipelineError`. Its `str()` is the
-message a user sees; `hint` (optional) says which command or setting fixes it.
+message a user sees; `hint` (optional) says which command or setting fixes it. Message and hint
+are passed through `nbpipeline.redact` here, so no error of the family can carry a secret to the
+CLI, a log line or the Dagster event log.
 """
 
 from __future__ import annotations
+
+from nbpipeline.redact import redact
 
 
 class NbPipelineError(Exception):
     """Base class: a problem nbpipeline understood and can describe in one line."""
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
+        message = redact(message)
+        hint = redact(hint) if hint else hint
         super().__init__(message)
         self.message = message
         self.hint = hint
@@ -21,6 +27,18 @@ class NbPipelineError(Exception):
 
 class ConfigError(NbPipelineError):
     """Invalid settings or parameters, detected before anything is written."""
+
+
+class UnreachableError(ConfigError):
+    """The engine or workspace a setting names cannot be reached or refuses the credentials.
+
+    A ConfigError: a wrong address or credential is not transient, so it is reported at once
+    and never retried. `setting` names what to check (e.g. NBPIPELINE_SPARK_REMOTE).
+    """
+
+    def __init__(self, message: str, *, setting: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.setting = setting
 
 
 class EngineError(NbPipelineError):
@@ -57,8 +75,8 @@ class NotebookError(NbPipelineError):
         super().__init__(f"{where}: {message}", hint=hint)
         self.notebook = notebook
         self.cell = cell
-        self.reason = message
-        self.traceback_text = traceback_text
+        self.reason = redact(message)
+        self.traceback_text = redact(traceback_text) if traceback_text else traceback_text
         self.run_url = run_url
         self.run_id = run_id
 

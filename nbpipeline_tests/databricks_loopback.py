@@ -350,6 +350,8 @@ class LoopbackDatabricks:
         headers = {"Retry-After": str(inj["retry_after"])} if inj["retry_after"] is not None else {}
         return inj["status"], {"error_code": inj["code"], "message": inj["message"]}, headers
 
+    # -- identity ---------------------------------------------------------------------------------
+
     # -- workspace --------------------------------------------------------------------------------
 
     def _mkdir(self, path: str) -> None:

@@ -221,8 +221,13 @@ def make_workspace_client(
     """
     from dagster_databricks import DatabricksClientResource
 
+    from nbpipeline import reachability
+
     if resource is None:
         resource = DatabricksClientResource(host=host, token=token or None)
+    # In seconds, not after the SDK's retry window: wrong host, TLS failure, bad credentials.
+    peeked = _peek(resource.token)
+    reachability.check_databricks(host, str(peeked) if peeked else None)
     try:
         client = _resolved_resource(resource, host).get_client().workspace_client
         if retry_timeout_seconds is None:

@@ -12,6 +12,7 @@ from pydantic import Field, field_validator
 from nbpipeline import engine, settings
 from nbpipeline.backends.base import NOTEBOOK_NAMES, NotebookBackend, NotebookRun, parse_exit_value
 from nbpipeline.errors import ConfigError
+from nbpipeline.redact import redact
 from nbpipeline.runtime import run_notebook
 
 
@@ -47,7 +48,8 @@ class LocalNotebookBackend(NotebookBackend):
         return "local"
 
     def engine_address(self) -> str:
-        return engine.engine_url(self.spark_remote)
+        # Shown in logs and metadata: a Spark Connect URL may carry a token.
+        return redact(engine.engine_url(self.spark_remote))
 
     def notebook_path(self, notebook: str) -> Path:
         if notebook not in NOTEBOOK_NAMES:
