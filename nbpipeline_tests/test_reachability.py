@@ -30,6 +30,7 @@ import pytest
 
 from nbpipeline import engine, reachability
 from nbpipeline.backends.base import NotebookBackend
+from nbpipeline.backends.databricks import client_resource_from_env
 from nbpipeline.errors import NotebookError, UnreachableError
 from nbpipeline.settings import PROJECT_ROOT
 from nbpipeline_tests.conftest import _free_port
@@ -370,7 +371,7 @@ def test_databricks_oauth_secret_refused(
     monkeypatch.delenv("DATABRICKS_TOKEN")
     monkeypatch.setenv("DATABRICKS_CLIENT_ID", "nbpipeline-sp")
     monkeypatch.setenv("DATABRICKS_CLIENT_SECRET", secret)
-    err, _ = _databricks_error(token=None)
+    err, _ = _databricks_error(databricks=client_resource_from_env())
     assert_one_clean_line(
         err, [secret], "cannot authenticate to Databricks", "DATABRICKS_CLIENT_SECRET"
     )
@@ -386,7 +387,7 @@ def test_databricks_oauth_closed_port(
     monkeypatch.setenv("DATABRICKS_HOST", f"http://127.0.0.1:{_free_port()}")
     monkeypatch.setenv("DATABRICKS_CLIENT_ID", "nbpipeline-sp")
     monkeypatch.setenv("DATABRICKS_CLIENT_SECRET", secret)
-    err, _ = _databricks_error(token=None)
+    err, _ = _databricks_error(databricks=client_resource_from_env())
     assert_one_clean_line(err, [secret], "connection refused")
 
 
@@ -398,14 +399,15 @@ def test_databricks_password_refused(
     monkeypatch.delenv("DATABRICKS_TOKEN")
     monkeypatch.setenv("DATABRICKS_USERNAME", "someone@example.com")
     monkeypatch.setenv("DATABRICKS_PASSWORD", password)
-    err, _ = _databricks_error(token=None)
+    err, _ = _databricks_error(databricks=client_resource_from_env())
     assert_one_clean_line(err, [password], "401 UNAUTHENTICATED")
 
 
 def test_a_check_that_passed_is_not_repeated(loopback: LoopbackDatabricks) -> None:  # noqa: F811 - the fixture
-    backend = make_backend()
-    backend.run_notebook("Notebook1", PARAMS)
-    make_backend().run_notebook("Notebook2", PARAMS)
+    # An explicit folder: the per-user default would ask for the user name (SCIM Me) as well.
+    folder = "/Shared/nbpipeline-check-once"
+    make_backend(workspace_dir=folder).run_notebook("Notebook1", PARAMS)
+    make_backend(workspace_dir=folder).run_notebook("Notebook2", PARAMS)
     assert len(loopback.requests_to("/scim/v2/Me")) == 1
 
 
