@@ -15,7 +15,7 @@ Definitions (all in seconds):
 What parallel would buy elsewhere (`what_if`), from the sequential run alone: each notebook step
 records its wall time w_i, the CPU seconds it cost (the engine's, sampled at the step's start and
 end, which in a sequential run is that step's work alone, plus the step process's own) c_i, and
-the engine's task slots C. With total work W = sum(c_i), on N cores the parallel job's wall time is
+the cores the engine could use C (its task slots, at most its CPU affinity). With total work W = sum(c_i), on N cores the parallel job's wall time is
 - at least max(W / N, max_i max(c_i / N, w_i - c_i / C)): no machine does the work faster than
   N cores can, and a step's part that did not scale with C cores (w_i - c_i / C, the least
   critical path Brent's bound allows for its measured run) does not shrink with more cores;
@@ -36,10 +36,6 @@ from nbpipeline.errors import ConfigError
 
 #: Core counts `what_if` estimates the parallel job's wall time for.
 WHAT_IF_CORES = (1, 2, 4, 8, 16, 32)
-#: Step metadata the local backend records (see `nbpipeline.backends.local`).
-ENGINE_CPU_KEY = "engine_cpu_s"
-CLIENT_CPU_KEY = "client_cpu_s"
-ENGINE_CORES_KEY = "engine_cores"
 
 
 class NoPairError(ConfigError):
@@ -121,6 +117,7 @@ def step_costs(instance: Any, timing: RunTiming) -> list[StepCost]:
     runs from before nbpipeline recorded them)."""
     import dagster as dg
 
+    from nbpipeline.backends.local import CLIENT_CPU_KEY, ENGINE_CORES_KEY, ENGINE_CPU_KEY
     from nbpipeline.metadata import metadata_value
 
     recorded: dict[str, tuple[float, int]] = {}

@@ -19,6 +19,12 @@ from nbpipeline.backends.base import NOTEBOOK_NAMES, NotebookBackend, NotebookRu
 from nbpipeline.errors import ConfigError
 from nbpipeline.runtime import run_notebook
 
+#: Step metadata: the engine's CPU seconds while the step ran, the cores it could use, and the
+#: step process's own CPU seconds (read back by `nbpipeline compare` for its what-if estimates).
+ENGINE_CPU_KEY = "engine_cpu_s"
+ENGINE_CORES_KEY = "engine_cores"
+CLIENT_CPU_KEY = "client_cpu_s"
+
 
 class LocalNotebookBackend(NotebookBackend):
     """Runs the project's notebooks through nbpipeline's notebook runtime on Spark Connect.
@@ -101,9 +107,9 @@ class LocalNotebookBackend(NotebookBackend):
         # overlap it includes the others' work) and this process's (the notebook's Python).
         after = _cpu_seconds(pid)
         if engine_cpu is not None and after is not None:
-            run.extra["engine_cpu_s"] = round(after - engine_cpu, 3)
-            run.extra["engine_cores"] = _engine_cores(pid)
-        run.extra["client_cpu_s"] = round(time.process_time() - client_cpu, 3)
+            run.extra[ENGINE_CPU_KEY] = round(after - engine_cpu, 3)
+            run.extra[ENGINE_CORES_KEY] = _engine_cores(pid)
+        run.extra[CLIENT_CPU_KEY] = round(time.process_time() - client_cpu, 3)
         if session_id:
             run.extra["spark_session_id"] = session_id
         return run
@@ -121,12 +127,17 @@ def run_session_id(run_id: str) -> str:
 
 
 def _engine_cores(pid: int) -> int | None:
-    """The task slots of the local engine `pid` (its `--master local[N]`)."""
-    with contextlib.suppress(psutil.Error, ValueError):
-        for arg in psutil.Process(pid).cmdline():
+    """The cores the local engine `pid` can use: its task slots (`--master local[N]`), at most
+    the CPUs it may run on (its affinity)."""
+    with contextlib.suppress(psutil.Error, ValueError, AttributeError):
+        proc = psutil.Process(pid)
+        # No affinity on macOS: every CPU.
+        affinity = getattr(proc, "cpu_affinity", None)
+        usable = len(affinity()) if affinity else (os.cpu_count() or 1)
+        for arg in proc.cmdline():
             if arg.startswith("local[") and arg.endswith("]"):
                 slots = arg[len("local[") : -1]
-                return (os.cpu_count() or 1) if slots == "*" else int(slots)
+                return usable if slots == "*" else min(usable, int(slots))
     return None
 
 
