@@ -80,7 +80,14 @@ TARGETS = (
 #: (fixed per-step costs weigh more on small data).
 PARALLEL_GAIN_MIN_ROWS = 1_000_000
 #: Process roles of the CPU breakdown.
-ROLES = ("engine", "this_process", "step_processes", "helper_processes", "step_jvms")
+ROLES = (
+    "engine",
+    "this_process",
+    "step_processes",
+    "helper_processes",
+    "step_jvms",
+    "sampler",
+)
 PARALLEL_MEMORY_TARGET_MB = 3 * 1024
 #: The Dagster modes run these steps of the jobs (the notebooks, not the check steps).
 NOTEBOOK_STEPS = ["Notebook1", "Notebook2", "Notebook3", "Notebook4"]
@@ -119,10 +126,12 @@ class MemorySampler(threading.Thread):
         self._cpu: dict[int, list[Any]] = {}
         self._first_sample = True
         self._done = threading.Event()
+        self.own_cpu_s = 0.0
 
     @property
     def cpu_s(self) -> float:
-        return sum(last - first for first, last, _ in self._cpu.values())
+        """CPU seconds of the processes measured, this sampler's own excluded."""
+        return sum(last - first for first, last, _ in self._cpu.values()) - self.own_cpu_s
 
     @property
     def engine_cpu_s(self) -> float:
@@ -134,6 +143,9 @@ class MemorySampler(threading.Thread):
         out = dict.fromkeys(ROLES, 0.0)
         for first, last, role in self._cpu.values():
             out[role] += last - first
+        # This sampler's own reading of /proc (PSS is costly) is not the work being measured.
+        out["sampler"] = self.own_cpu_s
+        out["this_process"] = max(out["this_process"] - self.own_cpu_s, 0.0)
         return {k: round(v, 2) for k, v in out.items()}
 
     @staticmethod
@@ -200,9 +212,11 @@ class MemorySampler(threading.Thread):
         return rss, pss
 
     def run(self) -> None:
+        start = time.thread_time()
         while not self._done.is_set():
             self._sample()
             self._done.wait(self.interval_s)
+        self.own_cpu_s = time.thread_time() - start
 
     def __enter__(self) -> MemorySampler:
         self.start()
