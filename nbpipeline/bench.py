@@ -21,7 +21,7 @@ selection of the same jobs, so the runs still show up under their job in the UI)
 asset-check steps, because the orchestration notebooks check nothing. `--with-checks` runs the
 check steps too; `nbpipeline compare` times them on any real pair of runs.
 
-Wall time is measured around each run. Memory is sampled every 0.1 s over this process, its
+Wall time is measured around each run. Memory is sampled every 0.5 s over this process, its
 descendants (run worker, step processes, their JVMs) and, for modes that use it, the engine
 JVM: the peak of the summed resident set sizes (RSS, which counts pages that forked step
 processes share with their fork server once per process) and the peak of the summed
@@ -116,7 +116,9 @@ class MemorySampler(threading.Thread):
     and the CPU seconds the tree used meanwhile (`cpu_s`, and `engine_cpu_s` of the first extra
     pid's tree, the engine JVM), which tells whether the engine had idle cores to offer."""
 
-    def __init__(self, extra_pids: list[int], interval_s: float = 0.1) -> None:
+    # Reading every process's PSS (/proc/PID/smaps_rollup, costly for a JVM) every 0.1 s cost
+    # a tenth of a core, which a 2-core machine takes from the modes measured.
+    def __init__(self, extra_pids: list[int], interval_s: float = 0.5) -> None:
         super().__init__(daemon=True)
         self.extra_pids = extra_pids
         self.interval_s = interval_s
