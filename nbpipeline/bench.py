@@ -1,4 +1,4 @@
-"""`nbpipeline bench`: the same notebook work in five modes, interleaved, on one source version.
+"""`nbpipeline bench`: the same notebook work in six modes, interleaved, on one source version.
 
 Modes:
 - `dagster-sequential` / `dagster-parallel`: the two Dagster jobs, through the Dagster instance
