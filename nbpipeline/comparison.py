@@ -21,8 +21,11 @@ the cores the engine could use C (its task slots, at most its CPU affinity). Wit
   critical path Brent's bound allows for its measured run) does not shrink with more cores;
 - at most W / N + max_i w_i: Brent's bound for a greedy scheduler (Spark's, with the steps
   independent), each step's critical path being at most its measured wall time;
-both plus the sequential run's time outside its steps (orchestration). `limited_by` says which
-term sets the lower bound: `cpu` (W / N) or the longest step.
+both plus the sequential run's time outside its steps (orchestration). Steps that record no CPU
+(asset-check steps, which follow their notebook's step) add their wall time to their notebook's
+chain in both bounds. `limited_by` says which term sets the lower bound: `cpu` (W / N) or the
+longest step. The bounds assume the N cores serve this job alone: on a machine others load,
+steps wait for CPU and both bounds can be missed.
 """
 
 from __future__ import annotations
@@ -141,26 +144,48 @@ def step_costs(instance: Any, timing: RunTiming) -> list[StepCost]:
 
 
 def what_if(
-    costs: list[StepCost], outside_steps_s: float = 0.0, cores: tuple[int, ...] = WHAT_IF_CORES
+    costs: list[StepCost],
+    outside_steps_s: float = 0.0,
+    cores: tuple[int, ...] = WHAT_IF_CORES,
+    after: dict[str, float] | None = None,
 ) -> list[dict[str, Any]]:
-    """Bounds of the parallel job's wall time on N cores (see the module docstring)."""
+    """Bounds of the parallel job's wall time on N cores (see the module docstring).
+
+    `after`: seconds of steps that run after a costed step and record no CPU (its asset-check
+    step), by costed step; they count as a serial tail of that step, in both bounds."""
     if not costs:
         return []
+    tail = after or {}
     work = sum(c.cpu_s for c in costs)
-    longest = max(costs, key=lambda c: c.wall_s)
+    longest = max(c.wall_s + tail.get(c.step, 0.0) for c in costs)
     out = []
     for n in cores:
-        floors = {c.step: max(c.cpu_s / n, c.wall_s - c.cpu_s / c.cores, 0.0) for c in costs}
+        floors = {
+            c.step: max(c.cpu_s / n, c.wall_s - c.cpu_s / c.cores, 0.0) + tail.get(c.step, 0.0)
+            for c in costs
+        }
         step, floor = max(floors.items(), key=lambda kv: kv[1])
         cpu_floor = work / n
         out.append(
             {
                 "cores": n,
                 "low_s": round(max(cpu_floor, floor) + outside_steps_s, 2),
-                "high_s": round(cpu_floor + longest.wall_s + outside_steps_s, 2),
+                "high_s": round(cpu_floor + longest + outside_steps_s, 2),
                 "limited_by": "cpu" if cpu_floor >= floor else f"longest step ({step})",
             }
         )
+    return out
+
+
+def tails(timing: RunTiming, costs: list[StepCost]) -> dict[str, float]:
+    """Seconds of the uncosted steps that follow each costed step (`NotebookN_checks` after
+    `NotebookN`), summed per costed step."""
+    costed = {c.step for c in costs}
+    out: dict[str, float] = {}
+    for s in timing.steps:
+        owner = s.step.split("_", 1)[0]
+        if s.step not in costed and owner in costed:
+            out[owner] = out.get(owner, 0.0) + s.duration_s
     return out
 
 
@@ -356,8 +381,11 @@ def compare_runs(instance: Any, first: str, second: str) -> Comparison:
     a, b = run_timing(instance, first), run_timing(instance, second)
     if a.mode == "parallel" and b.mode != "parallel":
         a, b = b, a
-    outside = max(a.wall_s - a.sum_steps_s, 0.0) if a.mode != "parallel" else 0.0
-    estimate = what_if(step_costs(instance, a), outside) if a.mode != "parallel" else []
+    estimate: list[dict[str, Any]] = []
+    if a.mode != "parallel":
+        costs = step_costs(instance, a)
+        outside = max(a.wall_s - a.sum_steps_s, 0.0)
+        estimate = what_if(costs, outside, after=tails(a, costs))
     return Comparison(sequential=a, parallel=b, what_if=estimate)
 
 

@@ -145,6 +145,10 @@ def test_what_if_bounds() -> None:
     assert rows[32]["low_s"] == pytest.approx(11.0)
     assert rows[32]["limited_by"] == "longest step (Notebook2)"
     assert rows[32]["high_s"] == pytest.approx(34 / 32 + 20 + 1, abs=0.01)
+    # An asset-check step after Notebook2 (no CPU recorded) is a serial tail of its chain.
+    tail = {r["cores"]: r for r in comparison.what_if(costs, 1.0, after={"Notebook2": 15.0})}
+    assert tail[32]["low_s"] == pytest.approx(26.0)  # 10 s floor + 15 s tail + 1 s outside
+    assert tail[32]["high_s"] == pytest.approx(34 / 32 + 27 + 1, abs=0.01)
     assert comparison.what_if([]) == []
     assert "No what-if estimate" in comparison.what_if_markdown([])
 
