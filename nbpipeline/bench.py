@@ -1,4 +1,4 @@
-"""`nbpipeline bench`: the same notebook work in five modes, interleaved, on one source version.
+"""`nbpipeline bench`: the same notebook work in six modes, interleaved, on one source version.
 
 Modes:
 - `dagster-sequential` / `dagster-parallel`: the two Dagster jobs, through the Dagster instance
@@ -7,6 +7,9 @@ Modes:
   (`dbutils.notebook.run`, one after another or from a thread pool) on one shared session.
 - `per-process-spark`: the parallel job with a local Spark JVM created inside each step process,
   the stock way to use PySpark from Dagster (a reference, not a product mode).
+- `reference`: the floor, the least work this engine can do for this data: the five outputs
+  computed in one session from one cached, cleaned snapshot and written with plain overwrites
+  (`nbpipeline.reference`), into a folder of its own. Every mode's ratio to it is reported.
 
 Every mode reads the same Delta path source (a classic in-process JVM cannot open the engine's
 metastore) and MERGEs into the same outputs beside it. A warm-up run (not measured) writes the
@@ -18,22 +21,32 @@ selection of the same jobs, so the runs still show up under their job in the UI)
 asset-check steps, because the orchestration notebooks check nothing. `--with-checks` runs the
 check steps too; `nbpipeline compare` times them on any real pair of runs.
 
-Wall time is measured around each run. Memory is sampled every 0.1 s over this process, its
+Wall time is measured around each run. Memory is sampled every 0.5 s over this process, its
 descendants (run worker, step processes, their JVMs) and, for modes that use it, the engine
 JVM: the peak of the summed resident set sizes (RSS, which counts pages that forked step
 processes share with their fork server once per process) and the peak of the summed
 proportional set sizes (PSS, which splits each shared page between its sharers, so the sum is
 the memory the tree really holds). The memory target is checked on PSS.
+
+Where the CPU goes, per run: CPU seconds by process role (the engine; this process, which
+coordinates Dagster runs, writes their event log and runs the sequential job's notebooks; the
+parallel job's step processes; helper processes such as the fork server; per-step JVMs). With
+the engine's UI on (`NBPIPELINE_ENGINE_UI=1` when it starts) also inside the engine, from its
+metrics servlet: Spark jobs, stages, tasks, task run and CPU seconds, GC, generated-code
+compilations and Hive catalog calls, and the engine CPU spent outside tasks (planning, code
+generation, Delta log work, gRPC), the engine's CPU minus its tasks' CPU.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import statistics
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from typing import Any
 
@@ -49,15 +62,31 @@ MODES = (
     "notebook-sequential",
     "notebook-threads",
     "per-process-spark",
+    "reference",
 )
+REFERENCE = "reference"
 BENCH_TAG = "nbpipeline/bench"
 
-# (numerator, denominator, comparison, target): the performance targets of issue 4.
+# (numerator, denominator, comparison, target): the performance targets.
 TARGETS = (
-    ("dagster-parallel", "notebook-threads", "<=", 1.15),
+    ("dagster-parallel", "notebook-threads", "<=", 1.10),
     ("dagster-sequential", "notebook-sequential", "<=", 1.10),
     ("dagster-parallel", "dagster-sequential", "<=", 0.90),
     ("per-process-spark", "dagster-parallel", ">=", 3.0),
+    ("dagster-sequential", REFERENCE, "<=", 1.5),
+    ("dagster-parallel", REFERENCE, "<=", 1.5),
+)
+#: Below this many rows the parallel job only has to be no slower than the sequential one
+#: (fixed per-step costs weigh more on small data).
+PARALLEL_GAIN_MIN_ROWS = 1_000_000
+#: Process roles of the CPU breakdown.
+ROLES = (
+    "engine",
+    "this_process",
+    "step_processes",
+    "helper_processes",
+    "step_jvms",
+    "sampler",
 )
 PARALLEL_MEMORY_TARGET_MB = 3 * 1024
 #: The Dagster modes run these steps of the jobs (the notebooks, not the check steps).
@@ -87,7 +116,9 @@ class MemorySampler(threading.Thread):
     and the CPU seconds the tree used meanwhile (`cpu_s`, and `engine_cpu_s` of the first extra
     pid's tree, the engine JVM), which tells whether the engine had idle cores to offer."""
 
-    def __init__(self, extra_pids: list[int], interval_s: float = 0.1) -> None:
+    # Reading every process's PSS (/proc/PID/smaps_rollup, costly for a JVM) every 0.1 s cost
+    # a tenth of a core, which a 2-core machine takes from the modes measured.
+    def __init__(self, extra_pids: list[int], interval_s: float = 0.5) -> None:
         super().__init__(daemon=True)
         self.extra_pids = extra_pids
         self.interval_s = interval_s
@@ -97,14 +128,41 @@ class MemorySampler(threading.Thread):
         self._cpu: dict[int, list[Any]] = {}
         self._first_sample = True
         self._done = threading.Event()
+        self.own_cpu_s = 0.0
 
     @property
     def cpu_s(self) -> float:
-        return sum(last - first for first, last, _ in self._cpu.values())
+        """CPU seconds of the processes measured, this sampler's own excluded."""
+        return sum(last - first for first, last, _ in self._cpu.values()) - self.own_cpu_s
 
     @property
     def engine_cpu_s(self) -> float:
-        return sum(last - first for first, last, engine in self._cpu.values() if engine)
+        return sum(last - first for first, last, role in self._cpu.values() if role == "engine")
+
+    @property
+    def cpu_by_role(self) -> dict[str, float]:
+        """CPU seconds per process role (see ROLES)."""
+        out = dict.fromkeys(ROLES, 0.0)
+        for first, last, role in self._cpu.values():
+            out[role] += last - first
+        # This sampler's own reading of /proc (PSS is costly) is not the work being measured.
+        out["sampler"] = self.own_cpu_s
+        out["this_process"] = max(out["this_process"] - self.own_cpu_s, 0.0)
+        return {k: round(v, 2) for k, v in out.items()}
+
+    @staticmethod
+    def _role(proc: psutil.Process, engine: bool) -> str:
+        if engine:
+            return "engine"
+        me = os.getpid()
+        if proc.pid == me:
+            return "this_process"
+        with contextlib.suppress(psutil.Error):
+            if proc.name().startswith("java"):
+                return "step_jvms"
+            if proc.ppid() == me:  # the fork server, multiprocessing's resource tracker
+                return "helper_processes"
+        return "step_processes"
 
     def _sample(self) -> None:
         rss, pss = self._tree_memory()
@@ -137,10 +195,14 @@ class MemorySampler(threading.Thread):
                     used = times.user + times.system
                     # Processes already running when sampling began count from then; those
                     # started later (step processes, their JVMs) count from zero.
-                    entry = self._cpu.setdefault(
-                        proc.pid,
-                        [used if self._first_sample else 0.0, used, root.pid == engine_root],
-                    )
+                    entry = self._cpu.get(proc.pid)
+                    if entry is None:
+                        role = self._role(proc, root.pid == engine_root)
+                        entry = self._cpu[proc.pid] = [
+                            used if self._first_sample else 0.0,
+                            used,
+                            role,
+                        ]
                     entry[1] = used
                     info = proc.memory_full_info()  # PSS comes from /proc/PID/smaps_rollup
                     rss += info.rss
@@ -152,9 +214,11 @@ class MemorySampler(threading.Thread):
         return rss, pss
 
     def run(self) -> None:
+        start = time.thread_time()
         while not self._done.is_set():
             self._sample()
             self._done.wait(self.interval_s)
+        self.own_cpu_s = time.thread_time() - start
 
     def __enter__(self) -> MemorySampler:
         self.start()
@@ -164,6 +228,75 @@ class MemorySampler(threading.Thread):
         self._done.set()
         self.join()
         self._sample()
+
+
+#: Engine metrics (the metrics servlet's counter / histogram names after `<app>.driver.`):
+#: breakdown key -> (kind, metric, scale to seconds or counts).
+SPARK_METRICS = {
+    "spark_jobs": ("counters", "appStatus.jobs.succeededJobs", 1),
+    "spark_stages": ("counters", "appStatus.stages.completedStages", 1),
+    "spark_skipped_stages": ("counters", "appStatus.stages.skippedStages", 1),
+    "spark_tasks": ("counters", "appStatus.tasks.completedTasks", 1),
+    "task_run_s": ("counters", "executor.runTime", 1e-3),
+    "task_cpu_s": ("counters", "executor.cpuTime", 1e-9),
+    "task_gc_s": ("counters", "executor.jvmGCTime", 1e-3),
+    "codegen_compilations": ("histograms", "CodeGenerator.compilationTime", 1),
+    "hive_client_calls": ("counters", "HiveExternalCatalog.hiveClientCalls", 1),
+}
+
+
+class EngineMetrics:
+    """Cumulative figures of the local engine from its UI's metrics servlet (`/metrics/json/`),
+    found on one of the engine process's listening ports; `available` is False when the
+    engine runs without its UI."""
+
+    def __init__(self, engine_pid: int | None) -> None:
+        self.base: str | None = None
+        if engine_pid is None:
+            return
+        with contextlib.suppress(psutil.Error):
+            conns = psutil.Process(engine_pid).net_connections("tcp")
+            ports = sorted({c.laddr.port for c in conns if c.status == psutil.CONN_LISTEN})
+            for port in ports:
+                base = f"http://127.0.0.1:{port}"
+                with contextlib.suppress(Exception):
+                    apps = self._get(f"{base}/api/v1/applications")
+                    if isinstance(apps, list) and apps:
+                        self.base = base
+                        break
+
+    @staticmethod
+    def _get(url: str) -> Any:
+        # The engine's own loopback UI, never a user-supplied address.
+        with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310
+            return json.load(response)
+
+    @property
+    def available(self) -> bool:
+        return self.base is not None
+
+    def snapshot(self) -> dict[str, float] | None:
+        if self.base is None:
+            return None
+        try:
+            data = self._get(f"{self.base}/metrics/json/")
+        except Exception:
+            return None
+        out = {}
+        for key, (kind, name, scale) in SPARK_METRICS.items():
+            found = [v for k, v in data.get(kind, {}).items() if k.endswith(".driver." + name)]
+            value = found[0].get("count", 0) if found else 0
+            out[key] = float(value) * scale
+        return out
+
+    @staticmethod
+    def delta(before: dict | None, after: dict | None, engine_cpu_s: float) -> dict | None:
+        """What the engine did between two snapshots, plus its CPU outside tasks."""
+        if not before or not after:
+            return None
+        out = {k: round(after[k] - before[k], 3) for k in SPARK_METRICS}
+        out["engine_cpu_outside_tasks_s"] = round(engine_cpu_s - out["task_cpu_s"], 2)
+        return out
 
 
 def _source_for_bench(spark: Any, rows: int, seed: int, progress: Callable[[str], None]) -> dict:
@@ -239,6 +372,14 @@ def breakdown(instance: dg.DagsterInstance, run_id: str) -> dict[str, float]:
     }
 
 
+def _run_reference(source: str) -> None:
+    from nbpipeline import reference
+
+    folder = settings.home() / "bench" / "reference"
+    folder.mkdir(parents=True, exist_ok=True)
+    reference.compute(engine.get_spark(), source, folder)
+
+
 def _run_orchestration(notebook: str, source: str) -> None:
     from nbpipeline.runtime import run_notebook
 
@@ -292,7 +433,14 @@ def bench(
             {**tags, BENCH_TAG: "per-process"},
             steps,
         ),
+        REFERENCE: lambda: _run_reference(table),
     }
+    metrics = EngineMetrics(engine_pid)
+    if not metrics.available:
+        progress(
+            "The engine's UI is off: no Spark jobs/stages/tasks breakdown (start the engine "
+            "with NBPIPELINE_ENGINE_UI=1 for it)"
+        )
     progress("Warm-up run (not measured): writes the outputs once so every measured run is alike")
     started = time.perf_counter()
     runners["notebook-sequential"]()
@@ -307,10 +455,12 @@ def bench(
         for mode in order:
             done += 1
             extra = [] if mode == "per-process-spark" or not engine_pid else [engine_pid]
+            before = metrics.snapshot() if extra else None
             with MemorySampler(extra) as mem:
                 t0 = time.perf_counter()
                 run_id = runners[mode]()
                 wall = time.perf_counter() - t0
+            spark_figures = EngineMetrics.delta(before, metrics.snapshot(), mem.engine_cpu_s)
             peak_mb = mem.peak_bytes / 2**20
             pss_mb = mem.peak_pss_bytes / 2**20
             figures: dict[str, Any] = {
@@ -320,7 +470,10 @@ def bench(
                 "cpu_s": round(mem.cpu_s, 1),
                 # Average busy cores of the engine JVM over the run (2 = both cores saturated).
                 "engine_cores_busy": round(mem.engine_cpu_s / wall, 2) if extra else None,
+                "cpu_by_role": mem.cpu_by_role,
             }
+            if spark_figures:
+                figures["engine"] = spark_figures
             if run_id:
                 figures["run_id"] = run_id
                 figures["breakdown"] = breakdown(instance, run_id)
@@ -346,13 +499,26 @@ def bench(
         for mode, rs in runs.items()
     }
     for mode, rs in runs.items():
-        parts = [r["breakdown"] for r in rs if "breakdown" in r]
-        if parts:
-            summary[mode]["breakdown_median"] = {
-                key: round(statistics.median(p[key] for p in parts), 3) for key in parts[0]
-            }
+        for source_key, median_key in (
+            ("breakdown", "breakdown_median"),
+            ("cpu_by_role", "cpu_by_role_median"),
+            ("engine", "engine_median"),
+        ):
+            parts = [r[source_key] for r in rs if r.get(source_key)]
+            if parts:
+                summary[mode][median_key] = {
+                    key: round(statistics.median(p[key] for p in parts), 3) for key in parts[0]
+                }
+    if REFERENCE in summary:
+        floor = summary[REFERENCE]["median_s"]
+        for figures in summary.values():
+            figures["vs_reference"] = round(figures["median_s"] / floor, 3) if floor else None
     ratios = []
     for num, den, op, target in TARGETS:
+        if (num, den) == ("dagster-parallel", "dagster-sequential") and (
+            rows < PARALLEL_GAIN_MIN_ROWS
+        ):
+            target = 1.0
         if num in summary and den in summary:
             value = summary[num]["median_s"] / summary[den]["median_s"]
             met = value <= target if op == "<=" else value >= target
@@ -398,15 +564,32 @@ def format_table(result: dict[str, Any]) -> str:
         f"{result['source_version']}, engine memory {result['engine_memory']}, "
         + ("with check steps" if result["with_checks"] else "notebook steps only"),
         f"{'mode':<20} {'median s':>9} {'min s':>8} {'max s':>8} {'RSS MB':>8} {'PSS MB':>8} "
-        f"{'CPU s':>7} {'engine cores':>12}",
+        f"{'CPU s':>7} {'engine cores':>12} {'x reference':>11}",
     ]
     for mode, m in result["modes"].items():
         busy = m.get("engine_cores_busy")
+        ref = m.get("vs_reference")
         lines.append(
             f"{mode:<20} {m['median_s']:>9.2f} {m['min_s']:>8.2f} {m['max_s']:>8.2f} "
             f"{m['peak_rss_mb']:>8.0f} {m['peak_pss_mb']:>8.0f} {m.get('cpu_s', 0):>7.1f} "
             + (f"{busy:>12.2f}" if busy is not None else f"{'-':>12}")
+            + (f" {ref:>11.2f}" if ref is not None else f" {'-':>11}")
         )
+    roles = {
+        m: f["cpu_by_role_median"] for m, f in result["modes"].items() if "cpu_by_role_median" in f
+    }
+    if roles:
+        lines += ["", "CPU seconds by process (medians):"]
+        lines.append(f"{'mode':<20} " + " ".join(f"{k:>16}" for k in ROLES))
+        for mode, r in roles.items():
+            lines.append(f"{mode:<20} " + " ".join(f"{r[k]:>16.1f}" for k in ROLES))
+    inside = {m: f["engine_median"] for m, f in result["modes"].items() if "engine_median" in f}
+    if inside:
+        keys = [*SPARK_METRICS, "engine_cpu_outside_tasks_s"]
+        lines += ["", "inside the engine (medians; from its metrics servlet):"]
+        lines.append(f"{'figure':<28} " + " ".join(f"{m[:19]:>19}" for m in inside))
+        for key in keys:
+            lines.append(f"{key:<28} " + " ".join(f"{inside[m][key]:>19.1f}" for m in inside))
     parts = {
         m: f["breakdown_median"] for m, f in result["modes"].items() if "breakdown_median" in f
     }

@@ -16,7 +16,8 @@ def _progress(message: str) -> None:
 
 def add_subcommands(subparsers: Any) -> None:
     p = subparsers.add_parser(
-        "compare", help="compare a sequential and a parallel run: per-step timings and speedup"
+        "compare",
+        help="compare a sequential and a parallel run: per-step timings, speedup, what-if on N cores",
     )
     p.add_argument("--runs", nargs=2, metavar=("A", "B"), help="two Dagster run ids")
     p.add_argument(
@@ -33,12 +34,13 @@ def add_subcommands(subparsers: Any) -> None:
     p.set_defaults(func=cmd_compare)
 
     p = subparsers.add_parser(
-        "bench", help="time the two jobs, the orchestration notebooks and per-process Spark"
+        "bench",
+        help="time the two jobs, the orchestration notebooks, per-process Spark and the reference",
     )
     p.add_argument("--rows", type=int, required=True, help="source rows (seeded once, reused)")
     p.add_argument("--repeat", type=int, default=3, help="rounds; modes are interleaved")
     p.add_argument("--seed", type=int, default=42, help="seed of the source data")
-    p.add_argument("--modes", help="comma-separated subset of modes (default: all five)")
+    p.add_argument("--modes", help="comma-separated subset of modes (default: all six)")
     p.add_argument(
         "--with-checks",
         action="store_true",

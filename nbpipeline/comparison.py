@@ -11,6 +11,21 @@ Definitions (all in seconds):
   which no notebook was running (process start-up, orchestration, commits of the event log).
 - speedup = sequential wall / parallel wall; efficiency = speedup / number of notebook steps
   (the parallelism the job could reach; asset-check steps are timed but not counted there).
+
+What parallel would buy elsewhere (`what_if`), from the sequential run alone: each notebook step
+records its wall time w_i, the CPU seconds it cost (the engine's, sampled at the step's start and
+end, which in a sequential run is that step's work alone, plus the step process's own) c_i, and
+the cores the engine could use C (its task slots, at most its CPU affinity). With total work W = sum(c_i), on N cores the parallel job's wall time is
+- at least max(W / N, max_i max(c_i / N, w_i - c_i / C)): no machine does the work faster than
+  N cores can, and a step's part that did not scale with C cores (w_i - c_i / C, the least
+  critical path Brent's bound allows for its measured run) does not shrink with more cores;
+- at most W / N + max_i w_i: Brent's bound for a greedy scheduler (Spark's, with the steps
+  independent), each step's critical path being at most its measured wall time;
+both plus the sequential run's time outside its steps (orchestration). Steps that record no CPU
+(asset-check steps, which follow their notebook's step) add their wall time to their notebook's
+chain in both bounds. `limited_by` says which term sets the lower bound: `cpu` (W / N) or the
+longest step. The bounds assume the N cores serve this job alone: on a machine others load,
+steps wait for CPU and both bounds can be missed.
 """
 
 from __future__ import annotations
@@ -21,6 +36,13 @@ from typing import Any
 
 from nbpipeline.assets import MODE_TAG, SOURCE_VERSION_TAG  # the tags the jobs' runs carry
 from nbpipeline.errors import ConfigError
+
+#: Core counts `what_if` estimates the parallel job's wall time for.
+WHAT_IF_CORES = (1, 2, 4, 8, 16, 32)
+
+
+class NoPairError(ConfigError):
+    """The instance holds no sequential and parallel run to compare (yet)."""
 
 
 @dataclass
@@ -83,9 +105,113 @@ class RunTiming:
 
 
 @dataclass
+class StepCost:
+    """What one step of a sequential run cost: wall seconds, CPU seconds, engine task slots."""
+
+    step: str
+    wall_s: float
+    cpu_s: float
+    cores: int
+
+
+def step_costs(instance: Any, timing: RunTiming) -> list[StepCost]:
+    """Per notebook step of a finished run, its wall time and the CPU seconds its step recorded
+    in its materializations' metadata (empty if the steps recorded none: a remote engine, or
+    runs from before nbpipeline recorded them)."""
+    import dagster as dg
+
+    from nbpipeline.backends.local import CLIENT_CPU_KEY, ENGINE_CORES_KEY, ENGINE_CPU_KEY
+    from nbpipeline.metadata import metadata_value
+
+    recorded: dict[str, tuple[float, int]] = {}
+    for entry in instance.all_logs(
+        timing.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION
+    ):
+        mat = entry.asset_materialization
+        meta = mat.metadata if mat else {}
+        engine_cpu = metadata_value(meta.get(ENGINE_CPU_KEY))
+        cores = metadata_value(meta.get(ENGINE_CORES_KEY))
+        if engine_cpu is None or not cores or not entry.step_key:
+            continue
+        client_cpu = metadata_value(meta.get(CLIENT_CPU_KEY)) or 0.0
+        # A step writing two tables records the same figures twice; one per step.
+        recorded[entry.step_key] = (float(engine_cpu) + float(client_cpu), int(cores))
+    return [
+        StepCost(s.step, s.duration_s, *recorded[s.step])
+        for s in timing.steps
+        if s.step in recorded and s.status == "success"
+    ]
+
+
+def what_if(
+    costs: list[StepCost],
+    outside_steps_s: float = 0.0,
+    cores: tuple[int, ...] = WHAT_IF_CORES,
+    after: dict[str, float] | None = None,
+) -> list[dict[str, Any]]:
+    """Bounds of the parallel job's wall time on N cores (see the module docstring).
+
+    `after`: seconds of steps that run after a costed step and record no CPU (its asset-check
+    step), by costed step; they count as a serial tail of that step, in both bounds."""
+    if not costs:
+        return []
+    tail = after or {}
+    work = sum(c.cpu_s for c in costs)
+    longest = max(c.wall_s + tail.get(c.step, 0.0) for c in costs)
+    out = []
+    for n in cores:
+        floors = {
+            c.step: max(c.cpu_s / n, c.wall_s - c.cpu_s / c.cores, 0.0) + tail.get(c.step, 0.0)
+            for c in costs
+        }
+        step, floor = max(floors.items(), key=lambda kv: kv[1])
+        cpu_floor = work / n
+        out.append(
+            {
+                "cores": n,
+                "low_s": round(max(cpu_floor, floor) + outside_steps_s, 2),
+                "high_s": round(cpu_floor + longest + outside_steps_s, 2),
+                "limited_by": "cpu" if cpu_floor >= floor else f"longest step ({step})",
+            }
+        )
+    return out
+
+
+def tails(timing: RunTiming, costs: list[StepCost]) -> dict[str, float]:
+    """Seconds of the uncosted steps that follow each costed step (`NotebookN_checks` after
+    `NotebookN`), summed per costed step."""
+    costed = {c.step for c in costs}
+    out: dict[str, float] = {}
+    for s in timing.steps:
+        owner = s.step.split("_", 1)[0]
+        if s.step not in costed and owner in costed:
+            out[owner] = out.get(owner, 0.0) + s.duration_s
+    return out
+
+
+def what_if_markdown(rows: list[dict[str, Any]]) -> str:
+    """The what-if estimates as a Markdown table (a line saying why there are none if empty)."""
+    if not rows:
+        return (
+            "No what-if estimate: the sequential run's steps recorded no CPU seconds "
+            "(a remote engine, or a run from before nbpipeline recorded them)."
+        )
+    lines = [
+        "| cores | parallel wall at least (s) | at most (s) | limited by |",
+        "|---:|---:|---:|---|",
+    ]
+    lines += [
+        f"| {r['cores']} | {r['low_s']:.1f} | {r['high_s']:.1f} | {r['limited_by']} |" for r in rows
+    ]
+    return "\n".join(lines)
+
+
+@dataclass
 class Comparison:
     sequential: RunTiming
     parallel: RunTiming
+    #: Estimated parallel wall time on other core counts (`what_if`); empty if not estimable.
+    what_if: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def speedup(self) -> float:
@@ -109,6 +235,7 @@ class Comparison:
             "parallel": self.parallel.to_dict(),
             "speedup": round(self.speedup, 4),
             "efficiency": round(self.efficiency, 4),
+            "what_if": self.what_if,
         }
 
     def to_markdown(self) -> str:
@@ -144,6 +271,11 @@ class Comparison:
             "",
             f"**speedup** {self.speedup:.2f}x, **parallel efficiency** {self.efficiency:.0%}"
             f" (source version {par.source_version or '?'})",
+            "",
+            "**What parallel would buy with N cores** (estimated from the sequential run's "
+            "per-step wall and CPU seconds):",
+            "",
+            what_if_markdown(self.what_if),
         ]
         return "\n".join(lines)
 
@@ -226,7 +358,7 @@ def latest_pair(instance: Any, source_version: str | None = None) -> tuple[str, 
     seq, par = runs("sequential"), runs("parallel")
     if not seq or not par:
         missing = " and ".join(m for m, r in (("sequential", seq), ("parallel", par)) if not r)
-        raise ConfigError(
+        raise NoPairError(
             f"no successful {missing} run in the Dagster instance at {instance.root_directory}",
             hint="run `nbpipeline run sequential` and `nbpipeline run parallel` first",
         )
@@ -238,7 +370,7 @@ def latest_pair(instance: Any, source_version: str | None = None) -> tuple[str, 
             if s.tags.get(SOURCE_VERSION_TAG) == version:
                 return s.run_id, p.run_id
     wanted = f" on source version {source_version}" if source_version is not None else ""
-    raise ConfigError(
+    raise NoPairError(
         f"no sequential and parallel run on the same source version{wanted}",
         hint="run both jobs without changing the source in between",
     )
@@ -249,7 +381,12 @@ def compare_runs(instance: Any, first: str, second: str) -> Comparison:
     a, b = run_timing(instance, first), run_timing(instance, second)
     if a.mode == "parallel" and b.mode != "parallel":
         a, b = b, a
-    return Comparison(sequential=a, parallel=b)
+    estimate: list[dict[str, Any]] = []
+    if a.mode != "parallel":
+        costs = step_costs(instance, a)
+        outside = max(a.wall_s - a.sum_steps_s, 0.0)
+        estimate = what_if(costs, outside, after=tails(a, costs))
+    return Comparison(sequential=a, parallel=b, what_if=estimate)
 
 
 def plot(comparison: Comparison, path: str | Path) -> Path:

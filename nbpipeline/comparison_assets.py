@@ -3,8 +3,13 @@
 After every successful run of either notebook job, a run-status sensor asks for a
 `runtime_comparison` materialization when the instance holds a sequential and a parallel run on
 the same source version. Its metadata shows the comparison table (Markdown), the speedup and the
-parallel efficiency as numbers (so the UI plots them over time) and the timeline plot's path.
+parallel efficiency as numbers (so the UI plots them over time), the what-if estimates for other
+core counts, and the timeline plot itself (a Markdown image the UI shows inline) and its path.
+Materialized before any such pair exists (a fresh instance's "Materialize all"), it records that
+there is nothing to compare yet and which runs to start, and succeeds.
 """
+
+import base64
 
 import dagster as dg
 
@@ -27,15 +32,34 @@ COMPARISON_JOB = "runtime_comparison_job"
 def runtime_comparison(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     try:
         seq_id, par_id = comparison.latest_pair(context.instance)
+    except comparison.NoPairError as exc:
+        context.log.info(f"Nothing to compare yet: {exc}")
+        return dg.MaterializeResult(
+            metadata={
+                "status": "nothing to compare",
+                "comparison": dg.MetadataValue.md(
+                    f"**Nothing to compare yet:** {exc.message}.\n\n"
+                    f"To compare, {exc.hint or 'run both notebook jobs'}; the sensor "
+                    "`runtime_comparison_sensor` then refreshes this asset."
+                ),
+            }
+        )
     except ConfigError as exc:
         raise dg.Failure(description=str(exc), allow_retries=False) from None
     result = comparison.compare_runs(context.instance, seq_id, par_id)
     folder = settings.home() / "comparison"
     path = comparison.plot(result, folder / f"timeline_{seq_id[:8]}_{par_id[:8]}.png")
     seq, par = result.sequential, result.parallel
+    # The UI renders Markdown images, data URIs included: the plot shows on the asset's page.
+    image = base64.b64encode(path.read_bytes()).decode("ascii")
     return dg.MaterializeResult(
         metadata={
+            "status": "compared",
             "comparison": dg.MetadataValue.md(result.to_markdown()),
+            "timeline": dg.MetadataValue.md(
+                f"![sequential vs parallel timeline](data:image/png;base64,{image})"
+            ),
+            "what_if": dg.MetadataValue.md(comparison.what_if_markdown(result.what_if)),
             "speedup": dg.MetadataValue.float(round(result.speedup, 4)),
             "parallel_efficiency": dg.MetadataValue.float(round(result.efficiency, 4)),
             "sequential_wall_s": dg.MetadataValue.float(seq.wall_s),

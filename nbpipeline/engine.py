@@ -485,12 +485,17 @@ def engine_url(remote: str | None = None) -> str:
 
 
 def get_spark(
-    remote: str | None = None, *, autostart: bool = True, progress: Progress | None = None
+    remote: str | None = None,
+    *,
+    autostart: bool = True,
+    progress: Progress | None = None,
+    session_id: str | None = None,
 ) -> SparkSession:
     """A Spark Connect session on the engine, starting the local engine on first use.
 
     One session per process and URL (pyspark caches it); a session whose server went away is
-    replaced, so a restarted engine is picked up by long-lived processes.
+    replaced, so a restarted engine is picked up by long-lived processes. `session_id` (a UUID)
+    attaches to that server-side session, which several processes may share.
     """
     from pyspark.sql import SparkSession
 
@@ -510,10 +515,15 @@ def get_spark(
     # The local engine's pid (None for a remote one) lets a client stop retrying as soon as the
     # engine process is gone, instead of retrying a dead port for the whole retry budget.
     pid = local_engine_pid(remote)
+    if session_id:
+        url = with_session_id(url, session_id)
+        release_sessions(keep=url)
     cached = _sessions.get(url)
     if cached is not None:
         if _session_alive(cached):
             return cached
+        # A session other processes share is left to them: close only this client.
+        cached.release_session_on_close = not session_id
         with contextlib.suppress(Exception):
             cached.stop()
         _sessions.pop(url, None)
@@ -544,6 +554,24 @@ def get_spark(
         ) from None
     _sessions[url] = session
     return session
+
+
+def release_sessions(keep: str) -> None:
+    """Release this process's cached sessions on `keep`'s server that carry another session id:
+    a process that runs one run after another (the sequential job in-process) frees the last
+    run's server-side session, its temp views and caches, when the next run starts."""
+    base = keep.partition("/;")[0]
+    for url in [u for u in _sessions if u != keep and "session_id=" in u]:
+        if url.partition("/;")[0] == base:
+            with contextlib.suppress(Exception):
+                _sessions.pop(url).stop()
+
+
+def with_session_id(url: str, session_id: str) -> str:
+    """`url` with the Spark Connect parameter `session_id` set (other parameters kept)."""
+    base, _, params = url.partition("/;")
+    kept = [p for p in params.split(";") if p and not p.startswith("session_id=")]
+    return base + "/;" + ";".join([*kept, f"session_id={session_id}"])
 
 
 def classic_session(

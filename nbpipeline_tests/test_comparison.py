@@ -6,6 +6,7 @@ instance; every figure `compare` prints is checked against the event log it was 
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -96,6 +97,76 @@ def test_compare_matches_the_event_log(pair, tmp_path: Path, capsys) -> None:
     assert data["sequential"]["run_id"] == ids["sequential"]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 20_000
 
+    # What parallel would buy on N cores, from the sequential run's recorded step costs.
+    costs = comparison.step_costs(instance, result.sequential)
+    assert {c.step for c in costs} == {"Notebook1", "Notebook2", "Notebook3", "Notebook4"}
+    assert all(c.cpu_s > 0 and c.cores >= 1 for c in costs)
+    assert [w["cores"] for w in data["what_if"]] == list(comparison.WHAT_IF_CORES)
+    work = sum(c.cpu_s for c in costs)
+    for row in data["what_if"]:
+        assert work / row["cores"] <= row["low_s"] <= row["high_s"]
+        assert row["limited_by"] == "cpu" or row["limited_by"].startswith("longest step")
+    assert main(["compare"]) == 0
+    assert "| cores | parallel wall at least (s)" in capsys.readouterr().out
+
+
+def _step_metadata(instance, run_id: str, key: str) -> dict[str, object]:
+    out = {}
+    for e in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION):
+        value = e.asset_materialization.metadata.get(key)
+        out[e.step_key] = getattr(value, "value", value)
+    return out
+
+
+def test_steps_of_a_run_share_one_spark_session(pair) -> None:
+    from nbpipeline.backends.local import run_session_id
+
+    instance, _source, _seeded, ids = pair
+    sessions = {
+        mode: _step_metadata(instance, run_id, "spark_session_id") for mode, run_id in ids.items()
+    }
+    # Every notebook step of a run, each in its own process in the parallel job, attached to the
+    # one session derived from its run id; another run gets another session.
+    for mode, run_id in ids.items():
+        assert set(sessions[mode].values()) == {run_session_id(run_id)}, mode
+        assert len(sessions[mode]) == 4
+    assert run_session_id(ids["sequential"]) != run_session_id(ids["parallel"])
+
+
+def test_what_if_bounds() -> None:
+    costs = [
+        comparison.StepCost("Notebook1", wall_s=20, cpu_s=30, cores=2),
+        comparison.StepCost("Notebook2", wall_s=12, cpu_s=4, cores=2),
+    ]
+    rows = {r["cores"]: r for r in comparison.what_if(costs, outside_steps_s=1.0)}
+    # 1 core: all 34 CPU seconds in a row; at most that plus the longest step (Brent).
+    assert rows[1] == {"cores": 1, "low_s": 35.0, "high_s": 55.0, "limited_by": "cpu"}
+    # 32 cores: Notebook2 used 2 of its 12 s on the CPU: 10 s did not scale with cores.
+    assert rows[32]["low_s"] == pytest.approx(11.0)
+    assert rows[32]["limited_by"] == "longest step (Notebook2)"
+    assert rows[32]["high_s"] == pytest.approx(34 / 32 + 20 + 1, abs=0.01)
+    # An asset-check step after Notebook2 (no CPU recorded) is a serial tail of its chain.
+    tail = {r["cores"]: r for r in comparison.what_if(costs, 1.0, after={"Notebook2": 15.0})}
+    assert tail[32]["low_s"] == pytest.approx(26.0)  # 10 s floor + 15 s tail + 1 s outside
+    assert tail[32]["high_s"] == pytest.approx(34 / 32 + 27 + 1, abs=0.01)
+    assert comparison.what_if([]) == []
+    assert "No what-if estimate" in comparison.what_if_markdown([])
+
+
+def test_runtime_comparison_on_a_fresh_instance_records_nothing_to_compare() -> None:
+    from nbpipeline import definitions
+
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = dg.materialize(
+            [definitions.defs.get_assets_def("runtime_comparison")], instance=instance
+        )
+        assert result.success
+        meta = result.asset_materializations_for_node("runtime_comparison")[0].metadata
+        assert meta["status"].value == "nothing to compare"
+        text = meta["comparison"].value
+        assert "no successful sequential and parallel run" in text
+        assert "nbpipeline run sequential" in text
+
 
 def test_runtime_comparison_asset_and_sensor(pair) -> None:
     from nbpipeline import definitions
@@ -110,6 +181,12 @@ def test_runtime_comparison_asset_and_sensor(pair) -> None:
     assert meta["speedup"].value == pytest.approx(seq_wall / par_wall, abs=1e-3)
     assert "| figure |" in meta["comparison"].value
     assert Path(meta["plot"].value).exists()
+    # The plot itself, inline in the UI (a Markdown image carrying the PNG).
+    image = meta["timeline"].value
+    assert image.startswith("![") and "(data:image/png;base64," in image
+    png = base64.b64decode(image.split("base64,", 1)[1].rstrip(")"))
+    assert png == Path(meta["plot"].value).read_bytes()
+    assert "| cores |" in meta["what_if"].value and meta["status"].value == "compared"
 
     sensor = definitions.defs.get_sensor_def("runtime_comparison_sensor")
     run = instance.get_run_by_id(ids["parallel"])
@@ -169,6 +246,21 @@ def test_orchestration_notebooks_write_the_same_tables_as_the_jobs(spark, pair) 
             )
 
 
+def test_reference_writes_what_the_notebooks_write(spark, pair, tmp_path: Path) -> None:
+    from nbpipeline import reference
+
+    _instance, source, _seeded, _ids = pair
+    schema = source.split(".")[0]
+    written = reference.compute(spark, source, tmp_path / "reference")
+    assert set(written) == set(OUTPUT_TABLES)
+    for table in OUTPUT_TABLES:
+        ref = spark.table(written[table])
+        ours = spark.table(f"{schema}.{table}").drop("_updated_at")
+        assert ref.schema.simpleString() == ours.schema.simpleString(), table
+        assert ref.count() > 0, table
+        assert sorted(map(repr, ref.collect())) == sorted(map(repr, ours.collect())), table
+
+
 def test_parallel_orchestration_reports_a_failing_child_by_name(spark, tmp_path: Path) -> None:
     from nbpipeline.errors import NotebookError
 
@@ -203,6 +295,18 @@ def test_bench_tiny_runs_every_mode(spark, pair, capsys) -> None:
     for mode in ("dagster-sequential", "dagster-parallel", "notebook-threads"):
         assert 0 < data["modes"][mode]["engine_cores_busy"] <= (os.cpu_count() or 1) + 0.5
     assert data["modes"]["per-process-spark"]["engine_cores_busy"] is None
+    # Every mode against the floor; where each run's CPU went, by process.
+    assert data["modes"]["reference"]["vs_reference"] == 1.0
+    for mode, figures in data["modes"].items():
+        assert figures["vs_reference"] > 0, mode
+        roles = figures["cpu_by_role_median"]
+        assert set(roles) == set(bench.ROLES), mode
+    assert data["modes"]["dagster-parallel"]["cpu_by_role_median"]["step_processes"] > 0
+    assert data["modes"]["dagster-sequential"]["cpu_by_role_median"]["step_processes"] == 0
+    assert {t["ratio"] for t in data["targets"]} >= {
+        "dagster-parallel / reference",
+        "dagster-sequential / reference",
+    }
     assert {t["ratio"] for t in data["targets"]} >= {"dagster-parallel / notebook-threads"}
     # The Dagster modes ran the notebook steps of the real jobs, and no check step.
     bench_runs = [r for r in instance.get_runs() if r.run_id not in before]

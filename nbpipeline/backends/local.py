@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
-from pydantic import Field, field_validator
+import dagster as dg
+import psutil
+from pydantic import Field, PrivateAttr, field_validator
 
 from nbpipeline import engine, settings
 from nbpipeline.backends.base import NOTEBOOK_NAMES, NotebookBackend, NotebookRun, parse_exit_value
@@ -15,12 +20,22 @@ from nbpipeline.errors import ConfigError
 from nbpipeline.redact import redact
 from nbpipeline.runtime import run_notebook
 
+#: Step metadata: the engine's CPU seconds while the step ran, the cores it could use, and the
+#: step process's own CPU seconds (read back by `nbpipeline compare` for its what-if estimates).
+ENGINE_CPU_KEY = "engine_cpu_s"
+ENGINE_CORES_KEY = "engine_cores"
+CLIENT_CPU_KEY = "client_cpu_s"
+
 
 class LocalNotebookBackend(NotebookBackend):
     """Runs the project's notebooks through nbpipeline's notebook runtime on Spark Connect.
 
-    Every step process opens its own light client session (under a second) to one shared engine,
-    so parallel steps never start a JVM each.
+    Every step process opens its own light client (under a second) to one shared engine, so
+    parallel steps never start a JVM each. All steps of one Dagster run attach to one server-side
+    Spark Connect session (its id derived from the run id): the engine sets up and plans in one
+    session per run, as the orchestration notebooks' thread pool does, instead of one per step.
+    A step's failure stays its own: the notebooks' temp views are named per notebook, and a
+    timeout cancels only its own operations (by tag).
     """
 
     spark_remote: str | None = Field(
@@ -35,6 +50,11 @@ class LocalNotebookBackend(NotebookBackend):
         default=None,
         description="Folder holding Notebook1..4.py. Empty: the project's notebooks/ folder.",
     )
+
+    _run_id: str | None = PrivateAttr(default=None)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        self._run_id = context.run_id
 
     @field_validator("spark_remote")
     @classmethod
@@ -70,16 +90,67 @@ class LocalNotebookBackend(NotebookBackend):
     ) -> NotebookRun:
         path = self.notebook_path(notebook)
         started = time.time()
-        spark = engine.get_spark(self.spark_remote, progress=log.info if log else None)
+        session_id = run_session_id(self._run_id) if self._run_id else None
+        spark = engine.get_spark(
+            self.spark_remote, progress=log.info if log else None, session_id=session_id
+        )
         pid = engine.local_engine_pid(self.spark_remote)
+        engine_cpu = _cpu_seconds(pid)
+        client_cpu = time.process_time()
         try:
-            return run_on_session(self, notebook, path, spark, parameters, timeout_seconds, started)
+            run = run_on_session(self, notebook, path, spark, parameters, timeout_seconds, started)
         except Exception as exc:
             # A dead engine surfaces as whatever gRPC error the running cell got; say what
             # actually happened instead.
             if pid is not None and not engine.engine_alive(pid):
                 raise engine.went_away(pid, notebook, exc) from None
             raise
+        # What the step cost in CPU: the engine's (while the step ran; in a run whose steps
+        # overlap it includes the others' work) and this process's (the notebook's Python).
+        after = _cpu_seconds(pid)
+        if engine_cpu is not None and after is not None:
+            run.extra[ENGINE_CPU_KEY] = round(after - engine_cpu, 3)
+            run.extra[ENGINE_CORES_KEY] = _engine_cores(pid)
+        run.extra[CLIENT_CPU_KEY] = round(time.process_time() - client_cpu, 3)
+        if session_id:
+            run.extra["spark_session_id"] = session_id
+        return run
+
+
+#: Namespace of the per-run Spark Connect session ids (uuid5 of the Dagster run id).
+_SESSION_NAMESPACE = uuid.UUID("6d1c3a52-57a4-4c0e-9a43-2f1f0b6e9b1d")
+
+
+def run_session_id(run_id: str) -> str:
+    """The Spark Connect session id every step of Dagster run `run_id` shares: deterministic,
+    so each step process finds it from the run id alone, and a UUID4 as Spark Connect expects."""
+    derived = uuid.uuid5(_SESSION_NAMESPACE, run_id)
+    return str(uuid.UUID(bytes=derived.bytes, version=4))
+
+
+def _engine_cores(pid: int) -> int | None:
+    """The cores the local engine `pid` can use: its task slots (`--master local[N]`), at most
+    the CPUs it may run on (its affinity)."""
+    with contextlib.suppress(psutil.Error, ValueError, AttributeError):
+        proc = psutil.Process(pid)
+        # No affinity on macOS: every CPU.
+        affinity = getattr(proc, "cpu_affinity", None)
+        usable = len(affinity()) if affinity else (os.cpu_count() or 1)
+        for arg in proc.cmdline():
+            if arg.startswith("local[") and arg.endswith("]"):
+                slots = arg[len("local[") : -1]
+                return usable if slots == "*" else min(usable, int(slots))
+    return None
+
+
+def _cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds process `pid` has used so far (None if unknown)."""
+    if pid is None:
+        return None
+    with contextlib.suppress(psutil.Error):
+        times = psutil.Process(pid).cpu_times()
+        return times.user + times.system
+    return None
 
 
 def run_on_session(
