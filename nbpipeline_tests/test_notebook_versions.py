@@ -85,16 +85,20 @@ def test_source_version_widget(spark, schema: str) -> None:
     assert after == before  # nothing written
 
 
-def notebooks_with_writer(tmp_path: Path, statement: str) -> Path:
-    """A copy of the notebooks whose MERGE is followed, before the history is read, by another
-    writer's commit to the same table (`statement`, formatted with `target`)."""
+def notebooks_with_writer(tmp_path: Path) -> Path:
+    """A copy of the notebooks in which, right after each MERGE and before the notebook reads
+    the table's history, another writer commits to the same table: it deletes the row with the
+    greatest order_id."""
     folder = tmp_path / "notebooks"
     shutil.copytree(settings.notebooks_dir(), folder)
     common = folder / "_common.py"
     text = common.read_text()
     anchor = "        version, committed = committed_version(target, marker, before, counts)\n"
     assert text.count(anchor) == 1
-    hook = f"        spark.sql({statement!r}.format(target=target))\n"
+    hook = (
+        "        _last = spark.sql(f'SELECT MAX(order_id) FROM {target}').collect()[0][0]\n"
+        "        spark.sql(f'DELETE FROM {target} WHERE order_id = {_last}')\n"
+    )
     common.write_text(text.replace(anchor, hook + anchor))
     return folder
 
@@ -105,10 +109,7 @@ def test_reported_version_is_this_merges_commit(spark, schema: str, tmp_path: Pa
     params = {"source_table": source, "target_schema": schema}
     run(spark, "Notebook4", params)
     seed.apply_changes(spark, source, fraction=0.3, seed=9)
-    # Another writer commits to each output right after its MERGE: here it deletes a row.
-    folder = notebooks_with_writer(
-        tmp_path, "DELETE FROM {target} WHERE order_id = (SELECT MAX(order_id) FROM {target})"
-    )
+    folder = notebooks_with_writer(tmp_path)
     out = run(spark, "Notebook4", params, folder)
     expected = oracle.expected(collect(spark, source))
     for entry in out["tables"]:
