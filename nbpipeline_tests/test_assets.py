@@ -340,7 +340,7 @@ def test_checks_the_notebook_did_not_evaluate_are_warnings() -> None:
         run_config={"ops": op_config({"source_table": "s.orders"}, notebooks=("Notebook4",))},
     )
     results = _checks(result)
-    assert len(results) == 5
+    assert len(results) == 6
     for evaluation in results.values():
         assert evaluation.severity == dg.AssetCheckSeverity.WARN
         assert evaluation.description.startswith("not evaluated: ")
