@@ -11,10 +11,9 @@ Deliberately no `from __future__ import annotations`: the per-notebook config cl
 import time and Dagster reads the step functions' annotations as objects.
 """
 
+import datetime as dt
 import functools
-import re
 from collections.abc import Iterator, Mapping
-from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 
 import dagster as dg
@@ -23,6 +22,7 @@ from pydantic import Field
 
 from nbpipeline import settings
 from nbpipeline.backends.base import NOTEBOOK_NAMES, NotebookBackend, NotebookRun
+from nbpipeline.checks import check_results, check_specs
 from nbpipeline.errors import (
     ConfigError,
     EngineError,
@@ -31,19 +31,28 @@ from nbpipeline.errors import (
     NbPipelineError,
     NotebookError,
 )
-from nbpipeline.identifiers import parse_schema, parse_table
+from nbpipeline.identifiers import parse_table
 from nbpipeline.metadata import ROW_COUNT_KEY, TABLE_KEY, URI_KEY, table_metadata
 from nbpipeline.redact import redact, scrub
 from nbpipeline.resources import spark_session
 from nbpipeline.runtime import declared_widgets
 from nbpipeline.tables import OUTPUT_KEYS, OUTPUT_TABLES
+from nbpipeline.widgets import (
+    WIDGET_DESCRIPTIONS,
+    format_timestamp,
+    parse_source_version,
+    validate_widget_values,
+)
 
 GROUP = "nbpipeline"
 KINDS = {"spark", "delta"}
 ORDERS_KEY = dg.AssetKey("orders")
 MODE_TAG = "nbpipeline/mode"
+#: The source version a run reads: set at launch (the source-version sensor, the bench) or by
+#: the run's first step to finish.
 SOURCE_VERSION_TAG = "nbpipeline/source_version"
-# Set only when the steps of one run read different source versions (the source changed mid-run).
+# Set only if the steps of one run read different source versions, which the run-wide version
+# resolution (`run_source_version`) prevents.
 SOURCE_VERSIONS_TAG = "nbpipeline/source_versions"
 DEFAULT_TIMEOUT_SECONDS = 3600
 
@@ -76,14 +85,6 @@ TABLE_DESCRIPTIONS: dict[str, str] = {
     ),
 }
 
-WIDGET_DESCRIPTIONS: dict[str, str] = {
-    "source_table": "Source table: [catalog.]schema.table or delta.`/absolute/path`.",
-    "target_schema": "Output schema ([catalog.]schema); empty: the source table's schema.",
-    "high_value_threshold": "Net amount (decimal, >= 0) from which an order is high-value.",
-}
-
-_THRESHOLD_RE = re.compile(r"^\d+(\.\d{1,6})?$")
-
 
 def pool_name(notebook: str) -> str:
     """The concurrency pool of a notebook step. Each table is written by exactly one notebook,
@@ -109,35 +110,6 @@ def all_widgets() -> dict[str, list[str]]:
         for name in notebook_widgets(notebook):
             out.setdefault(name, []).append(notebook)
     return out
-
-
-def validate_widget_values(values: Mapping[str, str], *, where: str = "") -> None:
-    """Check the widget values nbpipeline understands; raise ConfigError naming the bad one.
-
-    The notebooks check them again (they run on Databricks too); checking here fails the step
-    before any notebook starts, with a clear message and no retry.
-    """
-    prefix = f"{where}: " if where else ""
-    try:
-        if "source_table" in values:
-            parse_table(values["source_table"], what="source_table")
-        if values.get("target_schema"):
-            parse_schema(values["target_schema"], what="target_schema")
-    except ConfigError as exc:
-        raise ConfigError(prefix + exc.message, hint=exc.hint) from None
-    if "high_value_threshold" in values:
-        raw = str(values["high_value_threshold"]).strip()
-        ok = bool(_THRESHOLD_RE.match(raw))
-        if ok:
-            try:
-                ok = Decimal(raw) < Decimal(10) ** 30
-            except InvalidOperation:
-                ok = False
-        if not ok:
-            raise ConfigError(
-                f"{prefix}invalid high_value_threshold {values['high_value_threshold']!r}: "
-                "expected a non-negative decimal with at most 6 decimals, e.g. 1000.00"
-            )
 
 
 class NotebookConfig(dg.Config):
@@ -275,8 +247,9 @@ def _failure(notebook: str, exc: Exception) -> dg.Failure:
 def _tag_source_version(context: dg.AssetExecutionContext, run: NotebookRun) -> None:
     """Tag the run with the source version its notebooks read, so runs on the same input pair up.
 
-    The first step to finish sets `nbpipeline/source_version`; a step that read another version
-    (the source changed during the run) records all of them in `nbpipeline/source_versions`.
+    The first step to finish sets `nbpipeline/source_version` unless the launch set it; a step
+    that read another version (which `run_source_version` prevents) records all of them in
+    `nbpipeline/source_versions`.
     """
     version = run.exit_value.get("source_version")
     if version is None:
@@ -298,13 +271,45 @@ def _tag_source_version(context: dg.AssetExecutionContext, run: NotebookRun) -> 
         )
 
 
+def run_source_version(context: dg.AssetExecutionContext, configured: str) -> tuple[str, str]:
+    """(source_version widget value, where it came from) for a step of this run.
+
+    Every step of a run computes the same value without talking to the others: the step's
+    config if it sets one; else the `nbpipeline/source_version` tag (set at launch by the sensor or by the run's first step);
+    else the run's creation time, which every notebook resolves to the same Delta version (the
+    latest committed at or before it), on the local engine and on Databricks alike.
+    """
+    if configured.strip():
+        return configured.strip(), "run config"
+    dagster_run = context.instance.get_run_by_id(context.run_id)
+    tagged = (dagster_run.tags if dagster_run else {}).get(SOURCE_VERSION_TAG, "").strip()
+    if tagged:
+        return tagged, f"run tag {SOURCE_VERSION_TAG}"
+    created = run_created_at(context.instance, context.run_id)
+    if created is None:
+        return "", "the source's latest version"
+    return format_timestamp(created), "run creation time"
+
+
+def run_created_at(instance: dg.DagsterInstance, run_id: str) -> dt.datetime | None:
+    """When the run was created, to the microsecond: its first event (logged as the run is
+    created); the run record's creation time only has whole seconds on SQLite storage, which
+    would miss a source commit made in the same second before the launch."""
+    records = instance.get_records_for_run(run_id, limit=1).records
+    if records:
+        return dt.datetime.fromtimestamp(records[0].event_log_entry.timestamp, dt.UTC)
+    record = instance.get_run_record_by_id(run_id)
+    return record.create_timestamp if record is not None else None
+
+
 def execute_notebook_step(
     context: dg.AssetExecutionContext,
     notebook: str,
     config: NotebookConfig,
     backend: NotebookBackend,
-) -> Iterator[dg.MaterializeResult]:
-    """Validate the parameters, run the notebook, and yield one materialization per table."""
+) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
+    """Validate the parameters, run the notebook on the run's source version, and yield one
+    materialization per table, then the checks the notebook evaluated on them."""
     params = config.widget_values()
     try:
         validate_widget_values(params, where=notebook)
@@ -312,6 +317,11 @@ def execute_notebook_step(
             raise ConfigError(
                 f"{notebook}: timeout_seconds must be > 0, got {config.timeout_seconds}"
             )
+        if "source_version" in params:
+            value, origin = run_source_version(context, params["source_version"])
+            parse_source_version(value, what=f"{notebook}: source_version from {origin}")
+            params["source_version"] = value
+            context.log.info(f"{notebook} reads source version {value!r} ({origin})")
     except ConfigError as exc:
         raise _failure(notebook, exc) from None
     context.log.info(
@@ -341,6 +351,7 @@ def execute_notebook_step(
         raise clean from None
     _tag_source_version(context, run)
     by_asset = {str(t.get("asset")): t for t in run.tables}
+    checks = []
     for name in notebook_tables(notebook):
         table = by_asset.get(name)
         if table is None:
@@ -353,6 +364,9 @@ def execute_notebook_step(
         if "high_value_threshold" in params and name == "high_value_orders":
             metadata["high_value_threshold"] = params["high_value_threshold"]
         yield dg.MaterializeResult(asset_key=dg.AssetKey(name), metadata=metadata)
+        checks.extend(check_results(name, table))
+    # After every materialization: subset_of_order_facts depends on order_facts.
+    yield from checks
 
 
 def _notebook_assets(notebook: str) -> dg.AssetsDefinition:
@@ -368,7 +382,7 @@ def _notebook_assets(notebook: str) -> dg.AssetsDefinition:
         for name in notebook_tables(notebook)
     ]
 
-    def _step(context, config, notebook_backend) -> Iterator[dg.MaterializeResult]:
+    def _step(context, config, notebook_backend) -> Iterator[Any]:
         yield from execute_notebook_step(context, notebook, config, notebook_backend)
 
     # Annotations as objects: the config class differs per notebook.
@@ -382,6 +396,7 @@ def _notebook_assets(notebook: str) -> dg.AssetsDefinition:
         name=notebook,
         specs=specs,
         description=f"Runs notebooks/{notebook}.py and MERGEs {', '.join(notebook_tables(notebook))}.",
+        check_specs=check_specs(notebook),
         pool=pool_name(notebook),
         retry_policy=RETRY_POLICY,
     )(_step)

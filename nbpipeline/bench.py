@@ -98,13 +98,11 @@ def per_process_parallel_job() -> dg.JobDefinition:
     assets, checks and executor; only the resource differs."""
     from nbpipeline.assets import ALL_ASSETS
     from nbpipeline.backends.classic import PerProcessSparkBackend
-    from nbpipeline.checks import ALL_CHECKS
     from nbpipeline.jobs import PARALLEL_JOB, build_jobs
     from nbpipeline.resources import NOTEBOOK_BACKEND_KEY
 
     swapped = dg.Definitions(
         assets=ALL_ASSETS,
-        asset_checks=ALL_CHECKS,
         jobs=build_jobs(),
         resources={NOTEBOOK_BACKEND_KEY: PerProcessSparkBackend()},
     )

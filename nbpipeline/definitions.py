@@ -1,4 +1,4 @@
-"""The Dagster code location: assets, checks, jobs, schedules and the notebook backend.
+"""The Dagster code location: assets (with their checks), jobs, schedules and the notebook backend.
 
 Loaded by `dagster dev` / the webserver (workspace.yaml, `[tool.dagster]` in pyproject) and by
 `nbpipeline run`. Settings come from the environment and are checked here, at load time:
@@ -10,7 +10,6 @@ from __future__ import annotations
 import dagster as dg
 
 from nbpipeline.assets import ALL_ASSETS
-from nbpipeline.checks import ALL_CHECKS
 from nbpipeline.comparison_assets import build_sensor, runtime_comparison, runtime_comparison_job
 from nbpipeline.jobs import PARALLEL_JOB, SEQUENTIAL_JOB, build_jobs
 from nbpipeline.resources import resource_defs
@@ -20,7 +19,6 @@ _jobs = build_jobs()
 
 defs = dg.Definitions(
     assets=[*ALL_ASSETS, runtime_comparison],
-    asset_checks=ALL_CHECKS,
     jobs=[*_jobs, runtime_comparison_job],
     schedules=build_schedules(),
     sensors=[build_sensor(_jobs)],

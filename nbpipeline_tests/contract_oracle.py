@@ -165,19 +165,33 @@ def _utc_naive(value: dt.datetime) -> dt.datetime:
     return value
 
 
+INT_MAX = 2**31 - 1
+
+
+def _fits(value: Decimal, precision: int, scale: int) -> bool:
+    """Whether `value`, rounded half-up to `scale` places, fits DECIMAL(precision, scale)."""
+    rounded = Decimal(value).quantize(Decimal(1).scaleb(-scale), rounding=ROUND_HALF_UP)
+    return abs(rounded) < Decimal(10) ** (precision - scale)
+
+
 def is_valid(row: Mapping[str, Any]) -> bool:
-    """The contract's validity rule for one source row."""
+    """The contract's validity rule for one source row. A value its contract type cannot hold
+    (a quantity beyond INT, a unit_price beyond DECIMAL(10,2), a gross amount beyond
+    DECIMAL(18,2)) makes the row invalid too."""
     for column in ("order_id", "customer_id", "product_id", "order_ts", "status"):
         if row.get(column) is None:
             return False
     quantity, price, discount = row.get("quantity"), row.get("unit_price"), row.get("discount")
+    if quantity is None or price is None or discount is None:
+        return False
+    if not (quantity <= INT_MAX and _fits(price, 10, 2) and _fits(discount, 4, 3)):
+        return False
+    price = Decimal(price).quantize(CENTS, rounding=ROUND_HALF_UP)
     return (
-        quantity is not None
-        and quantity >= 1
-        and price is not None
+        quantity >= 1
         and price >= 0
-        and discount is not None
         and 0 <= discount < 1
+        and _fits(quantity * price, 18, 2)
         and row["status"] in VALID_STATUSES
     )
 

@@ -2,7 +2,7 @@
 
 One full materialization (the four notebooks on a 2,000-row dirty source) is shared by the tests
 of this module; the other tests either run no notebook (parameter validation, fake backend) or
-only the check step.
+rerun some notebooks on corrupted outputs.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from nbpipeline.assets import (
 )
 from nbpipeline.backends.base import NotebookBackend, NotebookRun
 from nbpipeline.backends.local import LocalNotebookBackend
-from nbpipeline.checks import ALL_CHECKS, VALID_ROW_SQL
+from nbpipeline.checks import VALID_ROW_SQL
 from nbpipeline.errors import ConfigError, EngineError, NotebookError
 from nbpipeline.metadata import table_metadata
 from nbpipeline.tables import OUTPUT_TABLES
@@ -229,7 +229,7 @@ def materialized(spark):
     seed_orders(spark, source, rows=ROWS, seed=11, dirty=True)
     instance = dg.DagsterInstance.ephemeral()
     result = dg.materialize(
-        [*ALL_ASSETS, *ALL_CHECKS],
+        [*ALL_ASSETS],
         selection=OUTPUTS,
         resources={"notebook_backend": LocalNotebookBackend()},
         run_config={"ops": op_config({"source_table": source})},
@@ -287,14 +287,7 @@ def test_checks_pass_on_good_data(materialized) -> None:
     assert facts.metadata["expected_rows"].value == facts.metadata["actual_rows"].value
 
 
-def _run_checks(materialized: dict[str, Any], *keys: dg.AssetCheckKey) -> dict[Any, Any]:
-    result = dg.materialize(
-        [*ALL_ASSETS, *ALL_CHECKS],
-        selection=dg.AssetSelection.checks(*keys),
-        resources={"notebook_backend": LocalNotebookBackend()},
-        instance=materialized["instance"],
-    )
-    assert not result.get_asset_materialization_events()  # only the checks ran
+def _checks(result: dg.ExecuteInProcessResult) -> dict[Any, Any]:
     return {
         (e.asset_key.to_user_string(), e.check_name): e
         for e in result.get_asset_check_evaluations()
@@ -304,35 +297,54 @@ def _run_checks(materialized: dict[str, Any], *keys: dg.AssetCheckKey) -> dict[A
 @pytest.mark.spark
 @pytest.mark.dagster
 def test_checks_fail_with_a_reason_on_broken_data(spark, materialized) -> None:
-    schema = materialized["schema"]
-    # A duplicated key, a negative amount, and a high-value order order_facts does not have.
+    """A table corrupted between two runs in a way its MERGE keeps (identical duplicate rows):
+    the next run's notebook checks fail on the version it committed, with the data in metadata."""
+    schema, source = materialized["schema"], materialized["source"]
     spark.sql(f"INSERT INTO {schema}.daily_sales SELECT * FROM {schema}.daily_sales LIMIT 1")
-    low, high = spark.sql(
-        f"SELECT MIN(order_id), MAX(order_id) FROM {schema}.high_value_orders"
-    ).collect()[0]
-    assert low != high
-    spark.sql(f"UPDATE {schema}.high_value_orders SET net_amount = -1 WHERE order_id = {low}")
-    spark.sql(f"DELETE FROM {schema}.order_facts WHERE order_id = {high}")
-    key = dg.AssetCheckKey
-    results = _run_checks(
-        materialized,
-        key(dg.AssetKey("daily_sales"), "unique_keys"),
-        key(dg.AssetKey("high_value_orders"), "no_negative_revenue"),
-        key(dg.AssetKey("high_value_orders"), "subset_of_order_facts"),
-        key(dg.AssetKey("order_facts"), "row_count_matches_source"),
-        key(dg.AssetKey("order_facts"), "unique_keys"),
+    spark.sql(f"INSERT INTO {schema}.order_facts SELECT * FROM {schema}.order_facts LIMIT 2")
+    result = dg.materialize(
+        [*ALL_ASSETS],
+        selection=dg.AssetSelection.assets("daily_sales", "order_facts", "high_value_orders"),
+        resources={"notebook_backend": LocalNotebookBackend()},
+        run_config={
+            "ops": op_config({"source_table": source}, notebooks=("Notebook1", "Notebook4"))
+        },
+        instance=materialized["instance"],
     )
-    assert len(results) == 5
+    results = _checks(result)
+    assert len(results) == 8
+    mats = materializations(result)
     dup = results[("daily_sales", "unique_keys")]
     assert not dup.passed and "occur more than once" in dup.description
+    assert dup.severity == dg.AssetCheckSeverity.ERROR
     assert dup.metadata["duplicate_keys"].value == 1
-    neg = results[("high_value_orders", "no_negative_revenue")]
-    assert not neg.passed and "net_amount (1 rows)" in neg.description
-    subset = results[("high_value_orders", "subset_of_order_facts")]
-    assert not subset.passed and subset.metadata["rows_not_in_order_facts"].value == 2
+    version = mats["daily_sales"]["delta_version"]
+    assert dup.metadata["checked"].value == f"{schema}.daily_sales version {version}"
+    facts = results[("order_facts", "unique_keys")]
+    assert not facts.passed and facts.metadata["duplicate_keys"].value == 2
     count = results[("order_facts", "row_count_matches_source")]
-    assert not count.passed and "(-1)" in count.description
-    assert results[("order_facts", "unique_keys")].passed
+    assert not count.passed and "(+2)" in count.description
+    assert count.metadata["actual_rows"].value == count.metadata["expected_rows"].value + 2
+    assert results[("daily_sales", "no_negative_revenue")].passed
+    assert results[("high_value_orders", "subset_of_order_facts")].passed
+
+
+@pytest.mark.dagster
+def test_checks_the_notebook_did_not_evaluate_are_warnings() -> None:
+    """FakeBackend's exit JSON reports no checks: every check is a WARN "not evaluated"."""
+    CALLS.clear()
+    result = dg.materialize(
+        [*ALL_ASSETS],
+        selection=dg.AssetSelection.assets("order_facts", "high_value_orders"),
+        resources={"notebook_backend": FakeBackend()},
+        run_config={"ops": op_config({"source_table": "s.orders"}, notebooks=("Notebook4",))},
+    )
+    results = _checks(result)
+    assert len(results) == 6
+    for evaluation in results.values():
+        assert evaluation.severity == dg.AssetCheckSeverity.WARN
+        assert evaluation.description.startswith("not evaluated: ")
+        assert evaluation.metadata["evaluated"].value is False
 
 
 @pytest.mark.spark

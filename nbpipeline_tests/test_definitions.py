@@ -95,22 +95,25 @@ def test_jobs_snapshot(job_name: str, executor: str, mode: str) -> None:
     assert job.tags["nbpipeline/mode"] == mode
     graph = job.asset_layer.asset_graph
     assert {k.to_user_string() for k in graph.executable_asset_keys} == set(OUTPUTS)
-    # Every check of the five outputs runs in the job too.
+    # Every check of the five outputs runs in the job too, inside its notebook's step.
     assert len(graph.asset_check_keys) == 12
     assert {n.name for n in job.graph.node_defs} == {
         "Notebook1",
         "Notebook2",
         "Notebook3",
         "Notebook4",
-        "Notebook1_checks",
-        "Notebook2_checks",
-        "Notebook3_checks",
-        "Notebook4_checks",
     }
     # The launchpad shows the notebooks' widgets with the notebooks' defaults.
     ops = job.run_config_schema.config_type.fields["ops"].config_type.fields
     nb4 = ops["Notebook4"].config_type.fields["config"].config_type.fields
-    assert list(nb4) == ["source_table", "target_schema", "high_value_threshold", "timeout_seconds"]
+    assert list(nb4) == [
+        "source_table",
+        "target_schema",
+        "high_value_threshold",
+        "source_version",
+        "timeout_seconds",
+    ]
+    assert nb4["source_version"].default_value == ""
     assert nb4["source_table"].default_value == "nbpipeline.orders"
     assert nb4["high_value_threshold"].default_value == "1000.00"
     nb1 = ops["Notebook1"].config_type.fields["config"].config_type.fields

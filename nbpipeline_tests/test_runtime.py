@@ -188,3 +188,45 @@ def test_spark_errors_surface_without_jvm_frames(spark, tmp_path: Path) -> None:
     text = str(err.value) + err.value.traceback_text
     assert err.value.cell == 2 and "TABLE_OR_VIEW_NOT_FOUND" in text
     assert "at org.apache.spark" not in text and "JVM stacktrace" not in text
+
+
+def test_titled_cells(tmp_path: Path) -> None:
+    """`# DBTITLE 1,Title` lines (the Databricks UI's cell titles) are titles, not code: a titled
+    %run or %md cell stays a magic cell, and line numbers still match the file."""
+    write_nb(tmp_path, "lib", "# DBTITLE 1,Shared\nshared = 41")
+    path = write_nb(
+        tmp_path,
+        "main",
+        "# DBTITLE 1,About\n# MAGIC %md\n# MAGIC # Title",
+        "# DBTITLE 1,Include\n# MAGIC %run ./lib",
+        "# DBTITLE 1,Answer, with a comma\nimport json\n\n\nx = shared + 1",
+        "dbutils.notebook.exit(json.dumps(x))",
+    )
+    cells = parse_notebook(path)
+    assert [(c.kind, c.title) for c in cells] == [
+        ("md", "About"),
+        ("run", "Include"),
+        ("python", "Answer, with a comma"),
+        ("python", None),
+    ]
+    assert run_notebook(path, spark=None) == "42"
+    failing = write_nb(tmp_path, "failing", "# DBTITLE 1,Boom\n\n\nraise ValueError('boom')")
+    with pytest.raises(NotebookError) as err:
+        run_notebook(failing, spark=None)
+    assert f'{failing}", line 5' in (err.value.traceback_text or "")
+
+
+def test_project_notebooks_are_titled_databricks_source() -> None:
+    """Every cell of the project's notebooks has a title, lines stay within 100 characters, and
+    the widgets cell comes first after the description."""
+    from nbpipeline.settings import notebooks_dir
+
+    for path in sorted(notebooks_dir().glob("*.py")):
+        text = path.read_text()
+        assert text.startswith("# Databricks notebook source\n"), path
+        assert max(len(line) for line in text.splitlines()) <= 100, path
+        cells = parse_notebook(path)
+        assert all(c.title for c in cells), [(path.name, c.index) for c in cells if not c.title]
+        if path.stem != "_common":
+            assert cells[1].title == "Parameters", path
+            assert "dbutils.widgets.text" in cells[1].source

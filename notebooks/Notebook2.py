@@ -1,27 +1,43 @@
 # Databricks notebook source
+# DBTITLE 1,About this notebook
 # MAGIC %md
 # MAGIC # Notebook2: customer summary
 # MAGIC
 # MAGIC Reads the `orders` source and MERGEs one row per customer with counted orders into
 # MAGIC `customer_summary`: order count, first and last order time, lifetime value (net revenue of
 # MAGIC revenue-bearing orders) and favourite category (greatest revenue-bearing net amount; ties go
-# MAGIC to the alphabetically first; NULL without revenue-bearing orders). Exits with a JSON summary.
+# MAGIC to the alphabetically first; NULL without revenue-bearing orders). Exits with a JSON
+# MAGIC summary.
 
 # COMMAND ----------
 
-dbutils.widgets.text("source_table", "nbpipeline.orders", "Source table ([catalog.]schema.table or delta.`/path`)")
+# DBTITLE 1,Parameters
+dbutils.widgets.text(
+    "source_table", "nbpipeline.orders", "Source table ([catalog.]schema.table or delta.`/path`)"
+)
 dbutils.widgets.text("target_schema", "", "Output schema (empty: the source's schema)")
+dbutils.widgets.text(
+    "source_version", "", "Source version: empty (latest), a version or a UTC timestamp"
+)
 
 # COMMAND ----------
 
+# DBTITLE 1,Shared code
 # MAGIC %run ./_common
 
 # COMMAND ----------
 
-run = NotebookRun("Notebook2", dbutils.widgets.get("source_table"), dbutils.widgets.get("target_schema"))
+# DBTITLE 1,Pin and clean the source
+run = NotebookRun(
+    "Notebook2",
+    dbutils.widgets.get("source_table"),
+    dbutils.widgets.get("target_schema"),
+    dbutils.widgets.get("source_version"),
+)
 
 # COMMAND ----------
 
+# DBTITLE 1,MERGE customer_summary
 # An order with a NULL category cannot make a category the favourite, so it is left out here.
 run.merge(
     "customer_summary",
@@ -44,7 +60,8 @@ run.merge(
         favourite AS (
             SELECT customer_id, category FROM (
                 SELECT customer_id, category,
-                       ROW_NUMBER() OVER (PARTITION BY customer_id ORDER BY net DESC, category ASC) AS rn
+                       ROW_NUMBER() OVER (PARTITION BY customer_id
+                                          ORDER BY net DESC, category ASC) AS rn
                 FROM per_category
             ) WHERE rn = 1
         ),
@@ -53,15 +70,18 @@ run.merge(
                    COUNT(*) AS orders,
                    MIN(order_ts) AS first_order_ts,
                    MAX(order_ts) AS last_order_ts,
-                   CAST(COALESCE(SUM(CASE WHEN revenue_bearing THEN net_amount END), 0) AS DECIMAL(18,2)) AS lifetime_value
+                   CAST(COALESCE(SUM(CASE WHEN revenue_bearing THEN net_amount END), 0)
+                       AS DECIMAL(18,2)) AS lifetime_value
             FROM counted GROUP BY customer_id
         )
         SELECT t.customer_id, t.orders, t.first_order_ts, t.last_order_ts, t.lifetime_value,
                f.category AS favourite_category
         FROM totals t LEFT JOIN favourite f ON t.customer_id = f.customer_id
     """,
+    amounts=["lifetime_value"],
 )
 
 # COMMAND ----------
 
+# DBTITLE 1,Exit with the run's figures
 dbutils.notebook.exit(run.finish())

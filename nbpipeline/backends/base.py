@@ -24,11 +24,15 @@ NOTEBOOK_NAMES = ("Notebook1", "Notebook2", "Notebook3", "Notebook4")
 class NotebookRun:
     """The outcome of one successful notebook run, whatever the backend.
 
-    `exit_value` is the notebook's `dbutils.notebook.exit` JSON, parsed. Its shape is the same on
-    every backend: notebook, started_at, ended_at, duration_s, source_table, source_version,
-    rows_read, rows_rejected and `tables`, a list with one entry per table written (asset, table,
-    location, rows_read, rows_rejected, rows_inserted, rows_updated, rows_deleted, delta_version,
-    row_count, columns).
+    `exit_value` is the notebook's `dbutils.notebook.exit` JSON, parsed, passed on unchanged by
+    every backend. Its shape: notebook, started_at, ended_at, duration_s, source_table,
+    source_version (the Delta version read), source_version_requested (the widget value),
+    rows_read, rows_rejected and `tables`, a list with one entry per table written: asset, table,
+    location, rows_read, rows_rejected, rows_inserted, rows_updated, rows_deleted, delta_version
+    (the commit this run's MERGE made, or the version it left when `committed` is false),
+    committed, row_count (of that version), columns (name, type) and `checks`, the asset checks
+    the notebook evaluated on that version (name, passed (null: not evaluated), severity
+    ERROR/WARN, description, metadata).
     """
 
     notebook: str

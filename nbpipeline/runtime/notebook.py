@@ -1,7 +1,8 @@
 """Execute a Databricks source-format notebook locally, as Databricks would.
 
 A notebook file starts with `# Databricks notebook source`; cells are separated by
-`# COMMAND ----------`; magic cells are written as `# MAGIC %md`, `# MAGIC %sql`, `# MAGIC %run`.
+`# COMMAND ----------`; a cell may start with a title line (`# DBTITLE 1,Title`); magic cells
+are written as `# MAGIC %md`, `# MAGIC %sql`, `# MAGIC %run`.
 The runtime injects `spark`, `dbutils` and `display`, skips `%md`, runs `%sql` through Spark,
 inlines `%run ./Other` (same namespace, as on Databricks) and refuses every other magic before
 anything runs. A failing cell raises `NotebookError` naming the notebook path and cell number,
@@ -14,7 +15,7 @@ import ast
 import linecache
 import traceback
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from nbpipeline.runtime.dbutils import DBUtils, NotebookExit, display, displayHT
 HEADER = "# Databricks notebook source"
 SEPARATOR = "# COMMAND ----------"
 MAGIC = "# MAGIC"
+TITLE = "# DBTITLE"
 ALLOWED_MAGICS = {"%md", "%sql", "%run", "%python"}
 WIDGET_KINDS = {"text", "dropdown", "combobox", "multiselect"}
 
@@ -38,6 +40,7 @@ class Cell:
     kind: str  # python | md | sql | run
     source: str
     target: Path | None = None  # the notebook a %run cell includes
+    title: str | None = None  # from a `# DBTITLE 1,Title` first line
 
 
 def _resolve_notebook(base: Path, ref: str) -> Path:
@@ -74,6 +77,18 @@ def parse_notebook(path: str | Path) -> list[Cell]:
 
 
 def _make_cell(path: Path, index: int, line: int, chunk: list[str]) -> Cell:
+    # A cell's title (`# DBTITLE 1,Title`, the UI's title line) is not code: blanked, so that
+    # line numbers still match the file and a titled magic cell is still a magic cell.
+    title = None
+    first = next((i for i, ln in enumerate(chunk) if ln.strip()), None)
+    if first is not None and chunk[first].lstrip().startswith(TITLE):
+        title = chunk[first].lstrip()[len(TITLE) :].split(",", 1)[-1].strip()
+        chunk = [*chunk[:first], "", *chunk[first + 1 :]]
+    cell = _make_untitled_cell(path, index, line, chunk)
+    return replace(cell, title=title) if title is not None else cell
+
+
+def _make_untitled_cell(path: Path, index: int, line: int, chunk: list[str]) -> Cell:
     body = [ln for ln in chunk if ln.strip()]
     if body and all(ln.lstrip().startswith(MAGIC) for ln in body):
         stripped = []
