@@ -336,6 +336,9 @@ ORCHESTRATION_NOTEBOOKS = {
 PIN_NOTEBOOK = "PinSourceVersion"
 # What the pin task hands to the orchestration tasks of the comparison job (a task value).
 SOURCE_VERSION_REF = "{{tasks.PinSourceVersion.values.source_version}}"
+# The four tasks of one task-graph job run read the source as of the job run's start (UTC), so
+# all five tables of that run derive from one source version, as in a Dagster run.
+JOB_START_REF = "{{job.start_time.iso_datetime}}"
 NOTEBOOKS_TAG = "nbpipeline_notebooks_sha256"
 
 COMPUTE_KINDS = ("serverless", "job-cluster", "existing:<cluster-id>")
@@ -438,7 +441,7 @@ class JobOptions:
         return DEFAULT_NODE_TYPES[cloud]
 
     def validated(self) -> JobOptions:
-        from nbpipeline.assets import validate_widget_values
+        from nbpipeline.widgets import validate_widget_values
 
         if not str(self.high_value_threshold).strip():
             # The notebook's own default, read from its source: one value, not a copy of it.
@@ -572,7 +575,11 @@ def check_schedules(schedules: Mapping[str, str], timezone: str) -> None:
 
 def notebook_parameters(notebook: str, options: JobOptions) -> dict[str, str]:
     """The widget values a notebook task gets (`base_parameters`)."""
-    params = {"source_table": options.source_table, "target_schema": options.target_schema}
+    params = {
+        "source_table": options.source_table,
+        "target_schema": options.target_schema,
+        "source_version": JOB_START_REF,
+    }
     if notebook == "Notebook4":
         params["high_value_threshold"] = options.high_value_threshold
     return params

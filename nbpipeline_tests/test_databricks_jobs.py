@@ -155,13 +155,15 @@ def test_parallel_job_has_independent_tasks_and_widget_parameters() -> None:
     assert settings["name"] == "nbpipeline-parallel"
     assert all("depends_on" not in t for t in settings["tasks"])
     params = {t["task_key"]: t["notebook_task"]["base_parameters"] for t in settings["tasks"]}
-    for name in ("Notebook1", "Notebook2", "Notebook3"):
-        assert params[name] == {"source_table": "nbpipeline.orders", "target_schema": "analytics"}
-    assert params["Notebook4"] == {
+    # One source version per job run: every task reads the source as of the run's start.
+    common = {
         "source_table": "nbpipeline.orders",
         "target_schema": "analytics",
-        "high_value_threshold": "250.50",
+        "source_version": "{{job.start_time.iso_datetime}}",
     }
+    for name in ("Notebook1", "Notebook2", "Notebook3"):
+        assert params[name] == common
+    assert params["Notebook4"] == {**common, "high_value_threshold": "250.50"}
     paths = [t["notebook_task"]["notebook_path"] for t in settings["tasks"]]
     # One copy per user by default; {user} is resolved at deploy.
     assert paths == [f"/Users/{{user}}/nbpipeline/{n}" for n in NOTEBOOK_NAMES]
