@@ -332,6 +332,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"error: {result['error']}", file=sys.stderr)  # noqa: T201 - CLI output
         return 1
     failed = result["failed_checks"]
+    if result["unevaluated_checks"]:
+        unevaluated = result["unevaluated_checks"]
+        _progress(
+            f"note: {len(unevaluated)} asset check(s) not evaluated: {', '.join(unevaluated)}"
+        )
     if failed:
         _progress(f"warning: {len(failed)} asset check(s) failed: {', '.join(failed)}")
     return 0
@@ -417,9 +422,8 @@ def run_job_fn(
         "run_id": run_id,
         "success": success,
         "error": error,
-        "failed_checks": [
-            f"{c.asset_key.to_user_string()}:{c.check_name}" for c in check_results if not c.passed
-        ],
+        "failed_checks": [_check_name(c) for c in check_results if not c.passed and _evaluated(c)],
+        "unevaluated_checks": [_check_name(c) for c in check_results if not _evaluated(c)],
         "seconds": seconds,
     }
 
@@ -460,3 +464,13 @@ def cmd_ui(args: argparse.Namespace) -> int:
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGTERM)
             return proc.wait()
+
+
+def _check_name(check: Any) -> str:
+    return f"{check.asset_key.to_user_string()}:{check.check_name}"
+
+
+def _evaluated(check: Any) -> bool:
+    """False for a check its notebook could not evaluate (a warning, not failed data)."""
+    flag = check.metadata.get("evaluated")
+    return getattr(flag, "value", flag) is not False
