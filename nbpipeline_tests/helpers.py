@@ -155,11 +155,14 @@ def copy_notebooks(folder: Path) -> Path:
 
 
 def insert_cell(notebook: Path, before: str, code: str) -> None:
-    """Insert a cell holding `code` before the first occurrence of `before` (which must exist)."""
+    """Insert a cell holding `code` before the first line that starts with `before`."""
+    import re
+
     text = notebook.read_text()
-    assert before in text, f"{notebook.name} no longer contains {before!r}: update the test"
+    found = re.search(rf"^{re.escape(before)}", text, re.M)
+    assert found, f"{notebook.name} has no line starting with {before!r}: update the test"
     cell = code.rstrip("\n") + "\n\n# COMMAND ----------\n\n"
-    notebook.write_text(text.replace(before, cell + before, 1))
+    notebook.write_text(text[: found.start()] + cell + text[found.start() :])
 
 
 def gate_code(name: str, gates: Path) -> str:
@@ -187,12 +190,24 @@ class Gates:
     def reached(self, name: str) -> bool:
         return (self.folder / f"{name}.reached").exists()
 
-    def wait_reached(self, *names: str, timeout_s: float = RUN_TIMEOUT_S) -> None:
-        wait_for(
-            lambda: all(self.reached(n) for n in names),
-            f"gate(s) {', '.join(n for n in names if not self.reached(n))} to be reached",
-            timeout_s,
-        )
+    def wait_reached(
+        self, *names: str, runs: list[subprocess.Popen[str]], timeout_s: float = RUN_TIMEOUT_S
+    ) -> None:
+        """Wait until every gate in `names` is reached; fail at once if a run in `runs` ends
+        first (a notebook that failed before its gate), with the end of its error output."""
+
+        def reached() -> bool:
+            for proc in runs:
+                if proc.poll() is not None:
+                    missing = [n for n in names if not self.reached(n)]
+                    _, err = proc.communicate()
+                    raise AssertionError(
+                        f"a run ended (exit {proc.returncode}) before gate(s) {missing} were "
+                        f"reached:\n{err[-2000:]}"
+                    )
+            return all(self.reached(n) for n in names)
+
+        wait_for(reached, f"gate(s) {', '.join(names)} to be reached", timeout_s)
 
     def open(self, *names: str) -> None:
         for name in names:
@@ -249,7 +264,7 @@ def overlapping_runs_scenario(
     home = Path(instance.root_directory)
     gates = Gates(work / "gates")
     notebooks = copy_notebooks(work / "notebooks")
-    insert_cell(notebooks / "Notebook1.py", "\nrun.merge(", gate_code("Notebook1", gates.folder))
+    insert_cell(notebooks / "Notebook1.py", "run.merge(", gate_code("Notebook1", gates.folder))
     run_env = {"NBPIPELINE_NOTEBOOKS_DIR": str(notebooks)}
 
     # A real tick: the daemon evaluates the schedule at a whole minute (a cron for that one
@@ -308,7 +323,7 @@ def overlapping_runs_scenario(
             procs = {mode: launch(mode, source, home, **run_env) for mode in OVERLAP_MODES}
             try:
                 if not outcomes:  # the first round: one Notebook1 holds, the other must wait
-                    gates.wait_reached("Notebook1")
+                    gates.wait_reached("Notebook1", runs=list(procs.values()))
                     waited = wait_for(
                         blocked_on_notebook1, "a run's Notebook1 to wait for the table's pool"
                     )

@@ -55,6 +55,7 @@ def test_notebook_run_with_a_high_value_threshold_param(spark, schema: str, caps
 
 @pytest.mark.spark
 @pytest.mark.dagster
+@pytest.mark.slow
 def test_run_parallel_max_concurrent_limits_a_real_run(
     spark, schema: str, instance: dg.DagsterInstance
 ) -> None:

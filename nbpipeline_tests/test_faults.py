@@ -161,7 +161,7 @@ def test_sigkill_mid_merge_and_raising_notebook_then_reexecute_from_failure(
     try:
         run_id = wait_for(lambda: only_run(instance), "the run to be created", every=0.2)
         # The MERGE into order_facts is executing in the engine and held there by the gate.
-        gates.wait_reached("merge")
+        gates.wait_reached("merge", runs=[proc])
         pid = step_pid(instance, run_id, "Notebook4")
         assert pid, "Notebook4's MERGE runs but its step has no STEP_START event"
         os.kill(pid, signal.SIGKILL)
@@ -278,14 +278,14 @@ def test_engine_killed_under_a_run_fails_it_clearly_and_the_next_run_restarts_it
     gates = Gates(tmp_path / "gates")
     nb_dir = copy_notebooks(tmp_path / "notebooks")
     for nb in NOTEBOOKS:
-        anchor = "facts = run.merge(" if nb == "Notebook4" else "\nrun.merge("
+        anchor = "facts = run.merge(" if nb == "Notebook4" else "run.merge("
         insert_cell(nb_dir / f"{nb}.py", anchor, gate_code(nb, gates.folder))
 
     proc = launch("parallel", source, home, NBPIPELINE_NOTEBOOKS_DIR=str(nb_dir))
     try:
         wait_for(lambda: only_run(instance), "the run to be created", every=0.2)
         run_id = only_run(instance)
-        gates.wait_reached(*NOTEBOOKS)
+        gates.wait_reached(*NOTEBOOKS, runs=[proc])
         os.killpg(old_pid, signal.SIGKILL)
         killed_at = time.monotonic()
         wait_for(lambda: not engine.engine_alive(old_pid), "the engine process to end", 60)

@@ -28,6 +28,7 @@ TESTS = Path(__file__).resolve().parent
 EXERCISED_BY: dict[str, list[str]] = {
     'pip install -e ".[dev]"': [".ci/run"],
     "pytest": [".ci/run"],
+    'pytest -m "not slow and not ui"': ["test_readme.py::test_fast_tier_selection"],
     "nbpipeline run parallel": ["test_readme.py::test_main_command_seeds_a_missing_source"],
     "nbpipeline ui": [
         "test_ui.py::test_user_path_in_the_dagster_ui",
@@ -206,6 +207,37 @@ def test_command_words() -> None:
     assert command_words("export NBPIPELINE_DELTA_JARS=$HOME/delta-jars") == [
         "NBPIPELINE_DELTA_JARS"
     ]
+
+
+def test_fast_tier_selection() -> None:
+    """README's fast tier selects the quick tests and none of the long runs it names."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "not slow and not ui"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    selected = {line.split("::")[0] for line in proc.stdout.splitlines() if "::" in line}
+    ids = [line for line in proc.stdout.splitlines() if "::" in line]
+    for slow in (
+        "test_overlap.py",
+        "test_remote_engine.py",
+        "test_ui.py",
+        "test_loadtest.py",
+        "test_secrets.py",
+    ):
+        assert f"nbpipeline_tests/{slow}" not in selected, slow
+    for slow in (
+        "test_sigkill_mid_merge",
+        "test_engine_killed_under_a_run",
+        "test_bench_tiny_runs_every_mode",
+        "test_main_command_seeds_a_missing_source",
+        "test_run_parallel_max_concurrent_limits_a_real_run",
+    ):
+        assert not any(slow in i for i in ids), slow
+    assert {"nbpipeline_tests/test_contract.py", "nbpipeline_tests/test_readme.py"} <= selected
 
 
 def test_readme_images_exist() -> None:
