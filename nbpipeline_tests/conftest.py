@@ -7,7 +7,6 @@ touch a user's data and can run beside a user's engine. Each test gets a fresh s
 from __future__ import annotations
 
 import os
-import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,16 +14,15 @@ from pathlib import Path
 
 import pytest
 
+from nbpipeline_tests.helpers import free_port
+
 # Timestamps collected from Spark become naive datetimes in the process time zone; the contract
 # is in UTC, so the tests' own computations must be too.
 os.environ["TZ"] = "UTC"
 time.tzset()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_free_port = free_port  # the old name, still imported by some modules
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +31,7 @@ def nbpipeline_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     home = tmp_path_factory.mktemp("nbpipeline_home")
     saved = {k: os.environ.get(k) for k in ("NBPIPELINE_HOME", "NBPIPELINE_ENGINE_PORT")}
     os.environ["NBPIPELINE_HOME"] = str(home)
-    os.environ["NBPIPELINE_ENGINE_PORT"] = str(_free_port())
+    os.environ["NBPIPELINE_ENGINE_PORT"] = str(free_port())
     os.environ.pop("NBPIPELINE_SPARK_REMOTE", None)
     yield home
     for key, value in saved.items():
@@ -78,3 +76,16 @@ def instance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     with dg.DagsterInstance.get() as inst:
         yield inst
+
+
+#: Per-test time limits (pytest-timeout): pyproject's `timeout` for every test; tests marked
+#: `slow` or `ui` (whole runs, JVM or browser starts) get this longer one unless they set their
+#: own with @pytest.mark.timeout. A hang then fails one test instead of stalling the CI run.
+SLOW_TIMEOUT_S = 1500
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        marks = {m.name for m in item.iter_markers()}
+        if marks & {"slow", "ui"} and "timeout" not in marks:
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))

@@ -92,8 +92,38 @@ def test_config_keeps_everything_under_home(monkeypatch, tmp_path: Path) -> None
     assert conf["spark.sql.session.timeZone"] == "UTC"
 
 
+def test_engine_port_taken_is_one_line_with_a_hint(tmp_path: Path, monkeypatch) -> None:
+    """README's 'engine port taken': another program listens on the engine's port, so neither
+    `engine.start` nor `nbpipeline engine start` starts a JVM; the CLI says so in one line."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        monkeypatch.setenv("NBPIPELINE_HOME", str(tmp_path / "home"))
+        monkeypatch.setenv("NBPIPELINE_ENGINE_PORT", str(port))
+        monkeypatch.delenv("NBPIPELINE_SPARK_REMOTE", raising=False)
+        with pytest.raises(EngineError, match=f"port {port} is in use by another program"):
+            engine.start()
+        proc = subprocess.run(
+            [sys.executable, "-m", "nbpipeline.cli", "engine", "start"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert proc.returncode == 2, proc.stderr
+    error, hint = proc.stderr.strip().splitlines()
+    assert error.startswith(f"error: port {port} is in use by another program")
+    assert hint.startswith("hint: set NBPIPELINE_ENGINE_PORT")
+    assert not engine.status()["running"]
+    assert not (tmp_path / "home" / "engine" / "server.json").exists()
+
+
 @pytest.mark.spark
-def test_running_engine_status_and_port_clash(spark, nbpipeline_home: Path) -> None:
+def test_running_engine_status_and_start_reuses_it(spark, nbpipeline_home: Path) -> None:
     info = engine.status()
     assert info["running"] and info["home"] == str(nbpipeline_home)
     assert info["url"] == engine.EngineConfig.from_env().url

@@ -9,11 +9,9 @@ run's event log and the tables' folders and strike at the right moment.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -29,16 +27,30 @@ import pytest
 from nbpipeline import engine, seed, settings
 from nbpipeline.assets import ALL_ASSETS, RETRY_POLICY, is_transient, op_config
 from nbpipeline.runtime import run_notebook
-from nbpipeline_tests import contract_oracle as oracle
-from nbpipeline_tests.conftest import _free_port
+from nbpipeline_tests.helpers import (  # launch, stop_group: also imported from here elsewhere
+    RUN_TIMEOUT_S,
+    Gates,
+    assert_matches_contract,
+    copy_notebooks,
+    events,
+    failure_text,
+    free_port,
+    gate_code,
+    insert_cell,
+    latest_version,
+    launch,
+    only_run,
+    step_pid,
+    stop_group,
+    wait_for,
+)
 from nbpipeline_tests.test_assets import CALLS, FakeBackend
-from nbpipeline_tests.test_contract import assert_table_equal, collect
-from nbpipeline_tests.test_jobs import latest_version
+
+__all__ = ["launch", "stop_group", "wait_for", "assert_matches_contract"]
 
 ROWS = 1000
 NOTEBOOKS = ("Notebook1", "Notebook2", "Notebook3", "Notebook4")
 TABLES = ("daily_sales", "customer_summary", "product_performance", "order_facts")
-RUN_TIMEOUT_S = 1200  # generous: a busy shared machine slows engine starts to minutes
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +61,7 @@ def own_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     home = tmp_path_factory.mktemp("faults_home")
     os.environ.update(
         NBPIPELINE_HOME=str(home),
-        NBPIPELINE_ENGINE_PORT=str(_free_port()),
+        NBPIPELINE_ENGINE_PORT=str(free_port()),
         NBPIPELINE_ENGINE_MEMORY="1g",
     )
     os.environ.pop("NBPIPELINE_SPARK_REMOTE", None)
@@ -75,63 +87,9 @@ def fresh_source(rows: int = ROWS) -> tuple[Any, str, str]:
     return spark, schema, source
 
 
-def launch(mode: str, source: str, dagster_home: Path, **env: str) -> subprocess.Popen[str]:
-    """`nbpipeline run MODE` in a child process (its own run worker, as a user starts it), in a
-    process group of its own so `stop_group` can end it with its step processes."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "nbpipeline.cli", "run", mode, "--source", source],
-        env={**os.environ, "DAGSTER_HOME": str(dagster_home), **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-
-
-def stop_group(procs: list[subprocess.Popen[str]]) -> None:
-    """End launched runs still going (a test that failed midway), step processes included."""
-    for proc in procs:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-
-
-def wait_for(predicate: Any, what: str, timeout_s: float = RUN_TIMEOUT_S, every: float = 0.01):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def only_run(instance: dg.DagsterInstance) -> str | None:
-    runs = instance.get_runs(limit=1)
-    return runs[0].run_id if runs else None
-
-
-def events(instance: dg.DagsterInstance, run_id: str, kind: dg.DagsterEventType) -> list[Any]:
-    return [
-        e.dagster_event
-        for e in instance.all_logs(run_id, of_type=kind)
-        if e.dagster_event is not None
-    ]
-
-
-def step_pid(instance: dg.DagsterInstance, run_id: str, step: str) -> int | None:
-    for event in events(instance, run_id, dg.DagsterEventType.STEP_START):
-        if event.step_key == step:
-            return event.pid
-    return None
-
-
-def failure_text(event: Any) -> str:
-    data = event.step_failure_data
-    if data and data.user_failure_data and data.user_failure_data.description:
-        return data.user_failure_data.description
-    return event.message or ""
+def commit_files(folder: Path) -> list[str]:
+    """A Delta table's commit files, read from disk (no engine involved)."""
+    return sorted(p.name for p in (folder / "_delta_log").glob("*.json"))
 
 
 def table_dir(spark: Any, table: str) -> Path:
@@ -139,32 +97,33 @@ def table_dir(spark: Any, table: str) -> Path:
     return Path(location.removeprefix("file:"))
 
 
-def data_files(folder: Path) -> set[str]:
-    return {p.name for p in folder.glob("*.parquet")}
-
-
-def assert_matches_contract(spark: Any, schema: str, source: str, tables: tuple[str, ...]) -> None:
-    expected = oracle.expected(collect(spark, source))
-    for table in tables:
-        got = oracle.keyed(table, collect(spark, f"{schema}.{table}"))  # raises on a duplicate
-        assert_table_equal(table, got, expected[table])
-
-
-def broken_notebooks(folder: Path) -> Path:
-    """A copy of the notebooks in which Notebook2 has a bug: a query on a column that does not
-    exist, in a cell of its own before its MERGE."""
-    folder.mkdir()
-    for path in settings.notebooks_dir().glob("*.py"):
-        shutil.copy(path, folder / path.name)
-    nb2 = folder / "Notebook2.py"
-    text = nb2.read_text()
-    anchor = "# An order with a NULL category"
-    assert anchor in text
-    bug = (
-        'spark.sql(f"SELECT no_such_column FROM {run.clean_view}").collect()\n\n'
-        "# COMMAND ----------\n\n"
+def broken_notebooks(folder: Path, gates: Path) -> Path:
+    """A copy of the notebooks in which Notebook2 has a bug (a query on a column that does not
+    exist, in a cell of its own before its MERGE) and Notebook4's MERGE into order_facts is held
+    mid-statement: its source goes through a Python UDF that, inside the engine's executor,
+    marks gate `merge` reached and waits until the test opens it."""
+    copy_notebooks(folder)
+    insert_cell(
+        folder / "Notebook2.py",
+        "# An order with a NULL category",
+        'spark.sql(f"SELECT no_such_column FROM {run.clean_view}").collect()',
     )
-    nb2.write_text(text.replace(anchor, bug + anchor, 1))
+    nb4 = folder / "Notebook4.py"
+    hold = gate_code("merge", gates).replace("\n", "\n    ")
+    insert_cell(
+        nb4,
+        "facts = run.merge(",
+        f"def _hold(order_id):\n    {hold}return True\n\n"
+        'spark.udf.register("nbp_test_hold", _hold, "boolean")\n'
+        'spark.sql(f"CREATE OR REPLACE TEMP VIEW nbp_test_held AS "\n'
+        '          f"SELECT * FROM {run.clean_view} WHERE nbp_test_hold(order_id)")',
+    )
+    text = nb4.read_text()
+    facts_source = '        FROM {run.clean_view}\n    """,\n)'
+    assert facts_source in text, "Notebook4's order_facts MERGE changed: update the test"
+    nb4.write_text(
+        text.replace(facts_source, facts_source.replace("{run.clean_view}", "nbp_test_held"), 1)
+    )
     return folder
 
 
@@ -175,12 +134,12 @@ def test_sigkill_mid_merge_and_raising_notebook_then_reexecute_from_failure(
     own_engine: Path, instance: dg.DagsterInstance, tmp_path: Path
 ) -> None:
     """One parallel run, two faults: Notebook2 raises in a cell, and Notebook4's step process is
-    SIGKILLed while its MERGE into order_facts is writing files.
+    SIGKILLed while its MERGE into order_facts executes in the engine (held there, in a test copy
+    of the notebook, by a gate inside the MERGE's source, so the kill never races a window).
 
-    Right after the kill no table is half-written: high_value_orders (the MERGE the notebook had
-    not sent yet) is at its previous version, order_facts at its previous version or at one
-    whole MERGE (Spark Connect finishes a submitted statement even when its client dies; a
-    Delta commit is atomic). Dagster retries the crashed step (retry policy), which completes
+    Right after the kill nothing new is committed to either table; once the gate opens, the
+    orphaned MERGE commits whole or not at all (Spark Connect may finish a submitted statement
+    whose client died; a Delta commit is atomic). Dagster retries the crashed step (retry policy), which completes
     Notebook4; Notebook1 and 3 commit; the run fails on Notebook2 alone, with notebook, cell and
     error in one line. After the bug is fixed, "re-execute from failure" reruns Notebook2 only
     and every table meets the contract.
@@ -192,33 +151,30 @@ def test_sigkill_mid_merge_and_raising_notebook_then_reexecute_from_failure(
     facts, hv = f"{schema}.order_facts", f"{schema}.high_value_orders"
     before = {t: latest_version(spark, t) for t in (facts, hv)}
     hv_rows = spark.table(hv).count()
-    facts_dir = table_dir(spark, facts)
-    committed = data_files(facts_dir)
-    commits = len(list((facts_dir / "_delta_log").glob("*.json")))
+    facts_dir, hv_dir = table_dir(spark, facts), table_dir(spark, hv)
+    commits = {facts: commit_files(facts_dir), hv: commit_files(hv_dir)}
 
     home = Path(instance.root_directory)
-    nb_dir = broken_notebooks(tmp_path / "notebooks")
+    gates = Gates(tmp_path / "gates")
+    nb_dir = broken_notebooks(tmp_path / "notebooks", gates.folder)
     proc = launch("parallel", source, home, NBPIPELINE_NOTEBOOKS_DIR=str(nb_dir))
     try:
         run_id = wait_for(lambda: only_run(instance), "the run to be created", every=0.2)
-        pid = wait_for(
-            lambda: step_pid(instance, run_id, "Notebook4"), "Notebook4 to start", every=0.1
-        )
-
-        def merge_writing() -> bool:
-            # The MERGE has written data files that no commit references yet.
-            new = data_files(facts_dir) - committed
-            return bool(new) and len(list((facts_dir / "_delta_log").glob("*.json"))) == commits
-
-        wait_for(merge_writing, "Notebook4's MERGE to write files")
+        # The MERGE into order_facts is executing in the engine and held there by the gate.
+        gates.wait_reached("merge", runs=[proc])
+        pid = step_pid(instance, run_id, "Notebook4")
+        assert pid, "Notebook4's MERGE runs but its step has no STEP_START event"
         os.kill(pid, signal.SIGKILL)
-        # Before the retried step can get anywhere: nothing half-written, everything readable.
-        assert latest_version(spark, hv) == before[hv]
-        assert spark.table(hv).count() == hv_rows
-        assert latest_version(spark, facts) in (before[facts], before[facts] + 1)
-        spark.table(facts).count()
+        # Read from disk, before the held MERGE may go on: nothing was committed meanwhile.
+        assert commit_files(facts_dir) == commits[facts]
+        assert commit_files(hv_dir) == commits[hv]
+        gates.open("merge")  # the orphaned MERGE may now finish (or be dropped); so may the retry
+        # Both tables' current versions read whole (the retry may have committed a new one).
+        assert spark.sql(f"SELECT * FROM {hv} VERSION AS OF {before[hv]}").count() == hv_rows
+        spark.sql(f"SELECT * FROM {facts}").collect()
         stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
     finally:
+        gates.open("merge")
         stop_group([proc])
     assert proc.returncode == 1, stderr[-3000:]
     assert stdout.strip().splitlines()[-1] == run_id
@@ -255,7 +211,7 @@ def test_sigkill_mid_merge_and_raising_notebook_then_reexecute_from_failure(
     # Every commit since is a whole MERGE and readable: the orphan (if it landed) and the retry.
     for row in spark.sql(f"DESCRIBE HISTORY {facts}").collect():
         assert row["version"] <= before[facts] or row["operation"] == "MERGE"
-        spark.sql(f"SELECT COUNT(*) FROM {facts} VERSION AS OF {row['version']}").collect()
+        spark.sql(f"SELECT * FROM {facts} VERSION AS OF {row['version']}").collect()
     assert latest_version(spark, hv) == before[hv] + 1
     orphan = latest_version(spark, facts) - before[facts] - 1  # 1: the orphan landed too
     assert orphan in (0, 1)
@@ -307,30 +263,36 @@ def test_sigkill_mid_merge_and_raising_notebook_then_reexecute_from_failure(
 @pytest.mark.dagster
 @pytest.mark.slow
 def test_engine_killed_under_a_run_fails_it_clearly_and_the_next_run_restarts_it(
-    own_engine: Path, instance: dg.DagsterInstance
+    own_engine: Path, instance: dg.DagsterInstance, tmp_path: Path
 ) -> None:
     """Kill the engine JVM while the parallel job's notebooks run: the run fails saying the
     engine went away (no retry loop); the next run starts the engine again and succeeds; no
-    table is corrupt. Last in the module: it replaces the module's engine."""
+    table is corrupt. Last in the module: it replaces the module's engine.
+
+    The strike is placed with gates: in a test copy of the notebooks each one stops before its
+    first MERGE, so all four are known to be at work (their sessions open) when the JVM dies."""
     spark, schema, source = fresh_source(rows=600)
     home = Path(instance.root_directory)
     state_file = own_engine / "engine" / "server.json"
     old_pid = json.loads(state_file.read_text())["pid"]
+    gates = Gates(tmp_path / "gates")
+    nb_dir = copy_notebooks(tmp_path / "notebooks")
+    for nb in NOTEBOOKS:
+        anchor = "facts = run.merge(" if nb == "Notebook4" else "run.merge("
+        insert_cell(nb_dir / f"{nb}.py", anchor, gate_code(nb, gates.folder))
 
-    proc = launch("parallel", source, home)
+    proc = launch("parallel", source, home, NBPIPELINE_NOTEBOOKS_DIR=str(nb_dir))
     try:
-        run_id = wait_for(lambda: only_run(instance), "the run to be created", every=0.2)
-        # Strike while the notebooks are at work: all four started, none finished yet.
-        wait_for(
-            lambda: len(events(instance, run_id, dg.DagsterEventType.STEP_START)) >= 4,
-            "the notebook steps to start",
-            every=0.1,
-        )
-        time.sleep(1.0)
+        wait_for(lambda: only_run(instance), "the run to be created", every=0.2)
+        run_id = only_run(instance)
+        gates.wait_reached(*NOTEBOOKS, runs=[proc])
         os.killpg(old_pid, signal.SIGKILL)
         killed_at = time.monotonic()
+        wait_for(lambda: not engine.engine_alive(old_pid), "the engine process to end", 60)
+        gates.open(*NOTEBOOKS)
         stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
     finally:
+        gates.open(*NOTEBOOKS)
         stop_group([proc])
     assert proc.returncode == 1, stderr[-3000:]
     error = stderr.strip().splitlines()[-1]
@@ -363,7 +325,8 @@ def test_engine_killed_under_a_run_fails_it_clearly_and_the_next_run_restarts_it
     for table in (*TABLES, "high_value_orders"):
         # Every version in the history is readable (none half-written).
         for row in spark.sql(f"DESCRIBE HISTORY {schema}.{table}").collect():
-            spark.sql(f"SELECT COUNT(*) FROM {schema}.{table} VERSION AS OF {row['version']}")
+            version = row["version"]
+            spark.sql(f"SELECT * FROM {schema}.{table} VERSION AS OF {version}").collect()
     assert_matches_contract(spark, schema, source, (*TABLES, "high_value_orders"))
     print(  # noqa: T201 - figures for the closing note (pytest -s)
         f"\nengine kill: run failed {fail_seconds:.1f}s after the kill; "

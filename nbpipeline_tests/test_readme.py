@@ -7,8 +7,10 @@ to README without a test fails here. The cheap commands are run right here.
 
 from __future__ import annotations
 
+import ast
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +28,7 @@ TESTS = Path(__file__).resolve().parent
 EXERCISED_BY: dict[str, list[str]] = {
     'pip install -e ".[dev]"': [".ci/run"],
     "pytest": [".ci/run"],
+    'pytest -m "not slow and not ui"': ["test_readme.py::test_fast_tier_selection"],
     "nbpipeline run parallel": ["test_readme.py::test_main_command_seeds_a_missing_source"],
     "nbpipeline ui": [
         "test_ui.py::test_user_path_in_the_dagster_ui",
@@ -34,23 +37,26 @@ EXERCISED_BY: dict[str, list[str]] = {
     "export DAGSTER_HOME=~/.nbpipeline/dagster_home && dagster dev -w workspace.yaml": [
         # `nbpipeline ui` runs exactly `dagster dev -w workspace.yaml` with DAGSTER_HOME set.
         "test_ui.py::test_user_path_in_the_dagster_ui",
+        "test_cli_pipeline.py::test_ui_runs_dagster_dev_on_the_same_instance",
     ],
     "nbpipeline seed --rows 100000": ["test_cli.py::test_seed_notebook_run_and_tables"],
     "nbpipeline notebook run notebooks/Notebook1.py": [
         "test_cli.py::test_seed_notebook_run_and_tables"
     ],
     "nbpipeline notebook run notebooks/Notebook4.py --param high_value_threshold=500": [
-        "test_cli.py::test_seed_notebook_run_and_tables"
+        "test_cli_commands.py::test_notebook_run_with_a_high_value_threshold_param"
     ],
     "nbpipeline tables --json": ["test_cli.py::test_seed_notebook_run_and_tables"],
     "nbpipeline engine start | stop | status [--json]": [
         "test_readme.py::test_engine_commands",
-        "test_engine.py::test_running_engine_status_and_port_clash",
+        "test_remote_engine.py::test_engine_starts_from_an_offline_jar_folder",
+        "test_remote_engine.py::test_engine_stop_stops_a_running_engine",
     ],
     "nbpipeline run sequential [--source TABLE] [--param key=value ...] [--max-concurrent N]": [
         "test_ui.py::test_user_path_in_the_dagster_ui",
         "test_cli_pipeline.py::test_failed_run_exits_1_with_the_step_error",
         "test_cli_pipeline.py::test_bad_input_exits_2",
+        "test_cli_commands.py::test_run_parallel_max_concurrent_limits_a_real_run",
     ],
     "nbpipeline bench --rows 2000000 --repeat 3": [
         # The same command on a tiny source, every mode, one round (2M rows is a benchmark).
@@ -69,6 +75,7 @@ EXERCISED_BY: dict[str, list[str]] = {
     'nbpipeline databricks deploy --cron "0 2 * * 1-5" --timezone Europe/Berlin [--unpaused]': [
         "test_databricks_jobs.py::test_dry_run_text_and_options",
         "test_databricks_jobs.py::test_diff_shows_hand_edits_and_deploy_reverts_them",
+        "test_cli_commands.py::test_deploy_with_cron_timezone_and_unpaused",
     ],
     "nbpipeline databricks diff": [
         "test_databricks_jobs.py::test_diff_shows_hand_edits_and_deploy_reverts_them"
@@ -81,12 +88,13 @@ EXERCISED_BY: dict[str, list[str]] = {
         "test_databricks_jobs.py::test_comparison_job_runs_both_orchestrations_one_after_another",
         "test_databricks_jobs.py::test_run_orchestration_jobs_reports_the_child_runs",
         "test_comparison.py::test_databricks_run_records_feed_the_same_comparison",
+        "test_cli_commands.py::test_compare_databricks_runs_command",
     ],
     "nbpipeline databricks bundle --out nbpipeline-bundle": [
         "test_databricks_jobs.py::test_bundle_jobs_are_job_settings_and_match_deploy"
     ],
     "export NBPIPELINE_DELTA_JARS=$HOME/delta-jars": [
-        "test_engine.py::test_offline_jars_folder_is_used_as_is"
+        "test_remote_engine.py::test_engine_starts_from_an_offline_jar_folder"
     ],
 }
 # Commands of other tools that README shows for offline set-up; nothing here can run them (no
@@ -125,20 +133,121 @@ def _cli(*argv: str, env: dict[str, str] | None = None, timeout: float = 600):
     )
 
 
+def command_words(command: str) -> list[str]:
+    """The words of a README command that the test exercising it must pass: subcommands, options
+    and key=value arguments (`export VAR=...` -> VAR). Placeholders (TABLE, N, key=value), option
+    values, numbers and paths are left out: a test may use its own table, sizes and files."""
+    words: list[str] = []
+    for part in command.split("&&"):
+        tokens = shlex.split(part.replace("[", " ").replace("]", " ").replace("|", " "))
+        if tokens[:1] == ["export"]:
+            words += [t.split("=", 1)[0] for t in tokens[1:]]
+            continue
+        value_next = False
+        for token in tokens[1:]:  # the program name is implied
+            if token.startswith("-"):
+                words.append(token)
+                value_next = True  # the next word may be the option's value
+            elif (
+                "=" in token
+                and token != "key=value"
+                or re.fullmatch(r"[a-z][a-z-]*", token)
+                and not value_next
+            ):
+                words.append(token)
+            else:
+                value_next = False
+    return words
+
+
+def _test_strings(where: str) -> set[str]:
+    """Every string literal in test function `file.py::test` and each of its space-separated
+    words (f-strings contribute their literal parts)."""
+    file, _, name = where.partition("::")
+    tree = ast.parse((TESTS / file).read_text())
+    func = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name), None)
+    assert func is not None, f"{where} is gone"
+    strings: set[str] = set()
+    for node in ast.walk(func):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            strings.add(node.value)
+            strings.update(node.value.split())
+    return strings
+
+
 def test_every_readme_command_is_exercised() -> None:
+    """Each README command maps to tests that exist and whose own code passes the command's
+    subcommands, options and key=value arguments (a test name alone proves nothing)."""
     commands = readme_commands(README.read_text())
     assert "nbpipeline run parallel" in commands  # the parser finds README's main command
     missing = [c for c in commands if c not in EXERCISED_BY and c not in NOT_RUN]
     assert not missing, f"README commands with no test: add them to EXERCISED_BY: {missing}"
     ci = CI_RUN.read_text()
+    unexercised = []
     for command in set(commands) & set(EXERCISED_BY):
-        for where in EXERCISED_BY[command]:
-            if where == ".ci/run":
-                assert re.search(rf"^\s*{re.escape(command)}(\s|$)", ci, re.M), (command, where)
-                continue
-            file, _, test = where.partition("::")
-            source = (TESTS / file).read_text()
-            assert re.search(rf"^def {re.escape(test)}\(", source, re.M), f"{where} is gone"
+        tests = [w for w in EXERCISED_BY[command] if w != ".ci/run"]
+        if ".ci/run" in EXERCISED_BY[command]:
+            assert re.search(rf"^\s*{re.escape(command)}(\s|$)", ci, re.M), command
+        if not tests:
+            continue
+        strings = set().union(*(_test_strings(w) for w in tests))
+        absent = [w for w in command_words(command) if w not in strings]
+        if absent:
+            unexercised.append(f"{command!r}: {absent} in none of {tests}")
+    assert not unexercised, "tests named for README commands do not run them:\n" + "\n".join(
+        unexercised
+    )
+
+
+def test_command_words() -> None:
+    words = command_words(
+        "nbpipeline run sequential [--source TABLE] [--param key=value ...] [--max-concurrent N]"
+    )
+    assert words == ["run", "sequential", "--source", "--param", "--max-concurrent"]
+    assert command_words("nbpipeline engine start | stop | status [--json]") == [
+        "engine",
+        "start",
+        "stop",
+        "status",
+        "--json",
+    ]
+    assert command_words(
+        "nbpipeline notebook run notebooks/Notebook4.py --param high_value_threshold=500"
+    ) == ["notebook", "run", "--param", "high_value_threshold=500"]
+    assert command_words("export NBPIPELINE_DELTA_JARS=$HOME/delta-jars") == [
+        "NBPIPELINE_DELTA_JARS"
+    ]
+
+
+def test_fast_tier_selection() -> None:
+    """README's fast tier selects the quick tests and none of the long runs it names."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "not slow and not ui"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    selected = {line.split("::")[0] for line in proc.stdout.splitlines() if "::" in line}
+    ids = [line for line in proc.stdout.splitlines() if "::" in line]
+    for slow in (
+        "test_overlap.py",
+        "test_remote_engine.py",
+        "test_ui.py",
+        "test_loadtest.py",
+        "test_secrets.py",
+    ):
+        assert f"nbpipeline_tests/{slow}" not in selected, slow
+    for slow in (
+        "test_sigkill_mid_merge",
+        "test_engine_killed_under_a_run",
+        "test_bench_tiny_runs_every_mode",
+        "test_main_command_seeds_a_missing_source",
+        "test_run_parallel_max_concurrent_limits_a_real_run",
+    ):
+        assert not any(slow in i for i in ids), slow
+    assert {"nbpipeline_tests/test_contract.py", "nbpipeline_tests/test_readme.py"} <= selected
 
 
 def test_readme_images_exist() -> None:
