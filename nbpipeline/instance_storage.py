@@ -9,9 +9,10 @@ MERGEd into `daily_sales` together, neither logging a wait). Pending-step assign
 read-then-write shape.
 
 The fix is local and boring: every call that reads and changes pool state runs under one
-host-wide lock (`flock` on a file beside the event log databases, which are on this host by
-definition of SQLite). The databases, their layout and every other behaviour are Dagster's own, so
-an instance can switch to or from this class at any time. `dagster.yaml` selects it through
+host-wide lock (a `filelock` lock file beside the event log databases, which are on this host by
+definition of SQLite; `filelock` is cross-platform, so this module loads on Windows too). The
+databases, their layout and every other behaviour are Dagster's own, so an instance can switch to
+or from this class at any time. `dagster.yaml` selects it through
 Dagster's `instance_class` hook, whose defaults are computed from the instance's own folder (so
 `DagsterInstance.from_config(path)` and `DAGSTER_HOME` both work):
 
@@ -22,9 +23,7 @@ Dagster's `instance_class` hook, whose defaults are computed from the instance's
 
 from __future__ import annotations
 
-import fcntl
 import functools
-import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -37,6 +36,7 @@ from dagster._core.instance.ref import InstanceRef
 from dagster._core.storage.event_log import SqliteEventLogStorage
 from dagster._core.storage.sqlite_storage import DagsterSqliteStorage, _event_logs_directory
 from dagster._serdes import ConfigurableClassData
+from filelock import FileLock
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -44,30 +44,22 @@ LOCK_FILE = ".nbpipeline-concurrency.lock"
 
 
 class HostLock:
-    """A lock across the processes of this host (`flock`), re-entrant within a process.
+    """A lock across the processes of this host (a `filelock` file lock), re-entrant within a
+    process.
 
-    Re-entrant because freeing a slot assigns the next pending step, and both are locked."""
+    Re-entrant because freeing a slot assigns the next pending step, and both are locked. The
+    thread lock serialises this process's threads; the file lock (shared by them, not per
+    thread) serialises processes."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._thread_lock = threading.RLock()
-        self._depth = 0
-        self._fd: int | None = None
+        self._file_lock = FileLock(str(path), thread_local=False)
 
     @contextmanager
     def held(self) -> Iterator[None]:
-        with self._thread_lock:
-            if self._depth == 0:
-                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-                fcntl.flock(self._fd, fcntl.LOCK_EX)
-            self._depth += 1
-            try:
-                yield
-            finally:
-                self._depth -= 1
-                if self._depth == 0 and self._fd is not None:
-                    os.close(self._fd)  # closing the descriptor releases the flock
-                    self._fd = None
+        with self._thread_lock, self._file_lock:
+            yield
 
 
 def _locked(method: F) -> F:
