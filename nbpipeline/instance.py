@@ -61,7 +61,7 @@ def pool_names() -> list[str]:
     from nbpipeline.assets import pool_name
     from nbpipeline.backends.base import NOTEBOOK_NAMES
 
-    return [*(pool_name(nb) for nb in NOTEBOOK_NAMES), pool_name("orders")]
+    return [pool_name(nb) for nb in NOTEBOOK_NAMES]
 
 
 def ensure_pools(instance: dg.DagsterInstance) -> None:

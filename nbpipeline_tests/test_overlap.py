@@ -76,6 +76,11 @@ def merge_history(spark: Any, table: str) -> list[dict[str, Any]]:
 def test_both_jobs_five_times_over_and_a_scheduled_tick_overlap_safely(
     spark, schema, instance
 ) -> None:
+    overlap_scenario(spark, schema, instance)
+
+
+def overlap_scenario(spark: Any, schema: str, instance: dg.DagsterInstance) -> None:
+    """The scenario on any instance (its DAGSTER_HOME is what the runs and the daemon use)."""
     from nbpipeline.seed import seed_orders
 
     source = f"{schema}.orders"

@@ -1,0 +1,68 @@
+"""The overlap scenario (both jobs at once, plus a real schedule tick) on a team's instance:
+Dagster on PostgreSQL through docs/dagster-postgres.yaml, against a real server the test starts.
+
+PostgreSQL locks the pool slot it claims, so nothing here relies on the project's SQLite file
+lock: the instance is plain `DagsterInstance` with Postgres storage. The scenario's assertions
+are the SQLite test's: every run succeeds, no two runs MERGE one table at once, the outputs meet
+the contract with no duplicate key.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import yaml
+
+from nbpipeline.instance import PROJECT_DAGSTER_YAML
+from nbpipeline.instance_storage import PoolSafeSqliteEventLogStorage
+from nbpipeline.settings import PROJECT_ROOT
+from nbpipeline_tests import test_overlap
+from nbpipeline_tests.postgres import postgres_server
+
+pytestmark = [pytest.mark.spark, pytest.mark.dagster, pytest.mark.slow]
+
+TEAM_YAML = PROJECT_ROOT / "docs" / "dagster-postgres.yaml"
+# Rounds of both jobs: enough to contend for the pools and to have the tick land among them.
+ROUNDS = 2
+
+
+@pytest.fixture
+def postgres_instance(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[dg.DagsterInstance]:
+    """A DAGSTER_HOME holding the team dagster.yaml, on a private PostgreSQL server."""
+    from dagster_postgres import PostgresEventLogStorage
+
+    with postgres_server() as pg:
+        for key, value in pg.env().items():
+            monkeypatch.setenv(key, value)  # the runs and the daemon inherit them
+        home = tmp_path / "dagster_home"
+        home.mkdir()
+        shutil.copyfile(TEAM_YAML, home / "dagster.yaml")
+        monkeypatch.setenv("DAGSTER_HOME", str(home))
+        with dg.DagsterInstance.get() as instance:
+            storage = instance.event_log_storage
+            assert isinstance(storage, PostgresEventLogStorage)
+            assert not isinstance(storage, PoolSafeSqliteEventLogStorage)
+            assert instance.global_op_concurrency_default_limit == 1
+            yield instance
+
+
+def test_team_yaml_matches_the_project_settings() -> None:
+    """Beyond storage, the team file says what the project's dagster.yaml says."""
+    team = yaml.safe_load(TEAM_YAML.read_text())
+    project = yaml.safe_load(PROJECT_DAGSTER_YAML.read_text())
+    assert "postgres" in team.pop("storage")
+    project.pop("instance_class")  # the SQLite-only pool lock
+    assert team == project
+
+
+def test_overlapping_runs_and_a_tick_on_postgres(
+    spark, schema, postgres_instance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(test_overlap, "ROUNDS", ROUNDS)
+    test_overlap.overlap_scenario(spark, schema, postgres_instance)
