@@ -5,6 +5,9 @@ create a demo source, or apply an upstream-like change batch to one, for trying 
 and the source-version sensor. Like the CLI it only touches tables it created (the
 `nbpipeline.demo` mark); there is no override here, since the CLI's `--replace` is the one
 deliberate way to overwrite a table nbpipeline did not create.
+
+No `from __future__ import annotations`: Dagster reads the op's config and resource annotations
+as objects.
 """
 
 from typing import Literal

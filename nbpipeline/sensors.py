@@ -6,6 +6,9 @@ the last version it launched for, the run key (table and version) makes Dagster 
 request for the same version, and while a run of either notebook job for that version is queued
 or running it waits. The run carries the version in `nbpipeline/source_version`, so its notebooks
 read that version even if the source moves again meanwhile.
+
+No `from __future__ import annotations`: Dagster reads the sensor's resource annotation as an
+object.
 """
 
 import json
