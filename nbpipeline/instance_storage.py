@@ -64,11 +64,30 @@ class HostLock:
 
 def _locked(method: F) -> F:
     @functools.wraps(method)
-    def wrapper(self: PoolSafeSqliteEventLogStorage, *args: Any, **kwargs: Any) -> Any:
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
         with self.pool_lock.held():
             return method(self, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+#: The event log storage methods that read and then change pool state (slots, pending steps).
+POOL_METHODS = (
+    "claim_concurrency_slot",
+    "free_concurrency_slot_for_step",
+    "free_concurrency_slots_for_run",
+    "assign_pending_steps",
+    "initialize_concurrency_limit_to_default",
+    "set_concurrency_slots",
+    "delete_concurrency_limit",
+)
+
+
+def lock_pool_methods(cls: type, base: type) -> type:
+    """Wrap `base`'s POOL_METHODS on `cls` so each runs under `self.pool_lock.held()`."""
+    for name in POOL_METHODS:
+        setattr(cls, name, _locked(getattr(base, name)))
+    return cls
 
 
 class PoolSafeSqliteEventLogStorage(SqliteEventLogStorage):
@@ -78,15 +97,8 @@ class PoolSafeSqliteEventLogStorage(SqliteEventLogStorage):
         super().__init__(base_dir, inst_data=inst_data)
         self.pool_lock = HostLock(Path(self._base_dir) / LOCK_FILE)
 
-    claim_concurrency_slot = _locked(SqliteEventLogStorage.claim_concurrency_slot)
-    free_concurrency_slot_for_step = _locked(SqliteEventLogStorage.free_concurrency_slot_for_step)
-    free_concurrency_slots_for_run = _locked(SqliteEventLogStorage.free_concurrency_slots_for_run)
-    assign_pending_steps = _locked(SqliteEventLogStorage.assign_pending_steps)
-    initialize_concurrency_limit_to_default = _locked(
-        SqliteEventLogStorage.initialize_concurrency_limit_to_default
-    )
-    set_concurrency_slots = _locked(SqliteEventLogStorage.set_concurrency_slots)
-    delete_concurrency_limit = _locked(SqliteEventLogStorage.delete_concurrency_limit)
+
+lock_pool_methods(PoolSafeSqliteEventLogStorage, SqliteEventLogStorage)
 
 
 class PoolSafeSqliteStorage(DagsterSqliteStorage):

@@ -1,8 +1,8 @@
 """The overlap scenario (both jobs at once, plus a real schedule tick) on a team's instance:
 Dagster on PostgreSQL through docs/dagster-postgres.yaml, against a real server the test starts.
 
-PostgreSQL locks the pool slot it claims, so nothing here relies on the project's SQLite file
-lock: the instance is plain `DagsterInstance` with Postgres storage. The scenario's assertions
+Nothing here relies on the project's SQLite file lock: the instance is a plain `DagsterInstance`
+whose event log is dagster-postgres's with pool claims under a PostgreSQL advisory lock. The scenario's assertions
 are the SQLite test's: every run succeeds, no two runs MERGE one table at once, the outputs meet
 the contract with no duplicate key.
 """
@@ -18,7 +18,8 @@ import pytest
 import yaml
 
 from nbpipeline.instance import PROJECT_DAGSTER_YAML
-from nbpipeline.instance_storage import PoolSafeSqliteEventLogStorage
+from nbpipeline.instance_storage import PoolSafeInstance
+from nbpipeline.postgres_storage import PoolSafePostgresEventLogStorage
 from nbpipeline.settings import PROJECT_ROOT
 from nbpipeline_tests import test_overlap
 from nbpipeline_tests.postgres import postgres_server
@@ -35,8 +36,6 @@ def postgres_instance(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[dg.DagsterInstance]:
     """A DAGSTER_HOME holding the team dagster.yaml, on a private PostgreSQL server."""
-    from dagster_postgres import PostgresEventLogStorage
-
     with postgres_server() as pg:
         for key, value in pg.env().items():
             monkeypatch.setenv(key, value)  # the runs and the daemon inherit them
@@ -46,8 +45,8 @@ def postgres_instance(
         monkeypatch.setenv("DAGSTER_HOME", str(home))
         with dg.DagsterInstance.get() as instance:
             storage = instance.event_log_storage
-            assert isinstance(storage, PostgresEventLogStorage)
-            assert not isinstance(storage, PoolSafeSqliteEventLogStorage)
+            assert isinstance(storage, PoolSafePostgresEventLogStorage)
+            assert not isinstance(instance, PoolSafeInstance)
             assert instance.global_op_concurrency_default_limit == 1
             yield instance
 
@@ -56,7 +55,8 @@ def test_team_yaml_matches_the_project_settings() -> None:
     """Beyond storage, the team file says what the project's dagster.yaml says."""
     team = yaml.safe_load(TEAM_YAML.read_text())
     project = yaml.safe_load(PROJECT_DAGSTER_YAML.read_text())
-    assert "postgres" in team.pop("storage")
+    for storage in ("run_storage", "event_log_storage", "schedule_storage"):
+        assert "postgres_db" in team.pop(storage)["config"]
     project.pop("instance_class")  # the SQLite-only pool lock
     assert team == project
 

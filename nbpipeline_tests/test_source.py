@@ -22,7 +22,7 @@ from dagster._core.definitions.observe import observe
 from dagster._utils.test.data_versions import get_stale_status_resolver
 
 from nbpipeline import seed
-from nbpipeline.assets import ALL_ASSETS, ORDERS_KEY, SOURCE_VERSION_TAG, op_config
+from nbpipeline.assets import ALL_ASSETS, ORDERS_KEY, SOURCE_VERSION_TAG, op_config, orders
 from nbpipeline.backends.base import NotebookBackend, NotebookRun
 from nbpipeline.backends.local import LocalNotebookBackend
 from nbpipeline.demo import DEMO_JOB
@@ -186,7 +186,7 @@ def test_orders_is_observed_and_materialize_all_leaves_it_alone(
     resources = {"notebook_backend": LocalNotebookBackend()}
 
     def observed() -> dict[str, Any]:
-        result = observe([*ALL_ASSETS], instance=instance, resources=resources)
+        result = observe([orders], instance=instance, resources=resources)
         (event,) = result.get_asset_observation_events()
         observation = event.asset_observation_data.asset_observation
         out = {k: getattr(v, "value", v) for k, v in observation.metadata.items()}
@@ -235,7 +235,7 @@ def test_observation_without_a_spark_session_records_nothing(
     monkeypatch.setenv(SOURCE_TABLE_ENV, "sales.orders")
     instance = dg.DagsterInstance.ephemeral()
     result = observe(
-        [*ALL_ASSETS],
+        [orders],
         instance=instance,
         resources={"notebook_backend": NotebooksOnlyBackend()},
         raise_on_error=False,
@@ -290,19 +290,19 @@ def test_sensor_launches_once_per_new_source_version(
     again = tick(first.cursor)
     assert isinstance(again, dg.SkipReason) and "still at version" in again.skip_message
 
-    # An upstream write: a new version, but a run for it is already queued (launched by hand).
+    # An upstream write: a new version, but a run for it is already running (launched by hand).
     spark.sql(f"UPDATE {table} SET quantity = quantity + 1 WHERE order_id % 5 = 0")
-    queued = dg.DagsterRun(
+    running = dg.DagsterRun(
         job_name=PARALLEL_JOB,
         run_id=str(uuid.uuid4()),
-        status=dg.DagsterRunStatus.QUEUED,
+        status=dg.DagsterRunStatus.STARTED,
         run_config={"ops": op_config({"source_table": table})},
         tags={SOURCE_VERSION_TAG: str(version + 1)},
     )
-    instance.add_run(queued)
+    instance.add_run(running)
     waiting = tick(first.cursor)
-    assert isinstance(waiting, dg.SkipReason) and queued.run_id in waiting.skip_message
-    instance.delete_run(queued.run_id)
+    assert isinstance(waiting, dg.SkipReason) and running.run_id in waiting.skip_message
+    instance.delete_run(running.run_id)
     second = tick(first.cursor)
     assert isinstance(second, dg.SensorResult)
     assert [r.run_key for r in second.run_requests] == [run_key(table, version + 1)]

@@ -155,7 +155,8 @@ def dagster_dev(spark, tmp_path: Path, artifacts: Path) -> Iterator[DagsterDev]:
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_until_serving(url, proc, log, timeout_s=180)
+        # Generous: on a newcomer's machine `nbpipeline ui` first seeds the default source.
+        _wait_until_serving(url, proc, log, timeout_s=600)
         yield DagsterDev(url=url, home=home, env=env, log=log)
     finally:
         _stop_group(proc)
