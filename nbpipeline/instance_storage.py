@@ -1,8 +1,8 @@
 """Dagster's SQLite storage with concurrency-pool claims that are atomic across processes.
 
 Dagster's SQL storage claims a pool slot in two statements: find a free slot row, then write the
-run and step into it. Postgres locks the row in between (`SELECT ... FOR UPDATE`); SQLite ignores
-that clause and pysqlite runs the `SELECT` outside any transaction, so two processes that claim at
+run and step into it. The `SELECT` says `FOR UPDATE`, but SQLite ignores that clause and pysqlite
+runs the `SELECT` outside any transaction, so two processes that claim at
 the same moment can both read the same free slot and both "claim" it: a pool of limit 1 then runs
 two steps at once. nbpipeline's overlap test saw exactly that (a sequential and a parallel run
 MERGEd into `daily_sales` together, neither logging a wait). Pending-step assignment has the same
@@ -116,8 +116,8 @@ class PoolSafeSqliteStorage(DagsterSqliteStorage):
 class PoolSafeInstance(dg.DagsterInstance):
     """A Dagster instance whose default storage is `PoolSafeSqliteStorage` in its own folder.
 
-    Everything else is Dagster's default; a `storage:` entry in dagster.yaml still overrides it
-    (e.g. Postgres, whose claims lock their rows)."""
+    Everything else is Dagster's default; storage entries in dagster.yaml still override it
+    (e.g. PostgreSQL, see nbpipeline/postgres_storage.py)."""
 
     @classmethod
     def config_schema(cls) -> dict[str, Any]:
