@@ -48,7 +48,19 @@ def postgres_instance(
             assert isinstance(storage, PoolSafePostgresEventLogStorage)
             assert not isinstance(instance, PoolSafeInstance)
             assert instance.global_op_concurrency_default_limit == 1
-            yield instance
+            try:
+                yield instance
+            finally:
+                # What the pools held at the end: tells a stuck claim from a slow machine.
+                from nbpipeline.instance import pool_names
+
+                for pool in pool_names():
+                    info = storage.get_concurrency_info(pool)
+                    print(  # noqa: T201 - diagnostics (pytest -s)
+                        f"{pool}: slots {info.slot_count}, claimed "
+                        f"{[(s.run_id[:8], s.step_key) for s in info.claimed_slots]}, pending "
+                        f"{[(p.run_id[:8], p.step_key, p.assigned_timestamp) for p in info.pending_steps]}"
+                    )
 
 
 def test_team_yaml_matches_the_project_settings() -> None:
