@@ -1,4 +1,5 @@
-"""The asset graph: the `orders` source and the five Delta outputs, one op per notebook.
+"""The asset graph: the `orders` source (observed, never written) and the five Delta outputs, one
+op per notebook.
 
 Each notebook is one Dagster step (a `multi_asset`): Notebook1..3 write one table each, Notebook4
 writes `order_facts` and `high_value_orders` in the same run. The notebook's widget values are
@@ -13,8 +14,9 @@ import time and Dagster reads the step functions' annotations as objects.
 
 import datetime as dt
 import functools
+import warnings
 from collections.abc import Iterator, Mapping
-from typing import Any, Literal
+from typing import Any
 
 import dagster as dg
 import pydantic
@@ -31,11 +33,10 @@ from nbpipeline.errors import (
     NbPipelineError,
     NotebookError,
 )
-from nbpipeline.identifiers import parse_table
-from nbpipeline.metadata import ROW_COUNT_KEY, TABLE_KEY, URI_KEY, table_metadata
+from nbpipeline.metadata import table_metadata
 from nbpipeline.redact import redact, scrub
-from nbpipeline.resources import spark_session
 from nbpipeline.runtime import declared_widgets
+from nbpipeline.source import SOURCE_TABLE_ENV
 from nbpipeline.tables import OUTPUT_KEYS, OUTPUT_TABLES
 from nbpipeline.widgets import (
     WIDGET_DESCRIPTIONS,
@@ -413,80 +414,45 @@ OUTPUT_ASSET_KEYS: list[dg.AssetKey] = [dg.AssetKey(name) for name in OUTPUT_TAB
 # --------------------------------------------------------------------------- the source
 
 
-class OrdersConfig(dg.Config):
-    """Seed the source table, or apply an upstream-like change batch to it."""
-
-    table: str = Field(
-        default=settings.DEFAULT_SOURCE_TABLE,
-        description="Source table: [catalog.]schema.table or delta.`/absolute/path`.",
-    )
-    mode: Literal["seed", "changes"] = Field(
-        default="seed",
-        description="seed: (re)create the table with `rows` orders; changes: MERGE a change batch.",
-    )
-    rows: int = Field(default=10_000, description="seed: number of orders to generate.")
-    seed: int = Field(default=42, description="Random seed (same seed, same data).")
-    dirty: bool = Field(
-        default=False, description="seed: add rejected rows and duplicate order_ids (rows >= 200)."
-    )
-    fraction: float = Field(
-        default=0.05, description="changes: fraction of the orders to change, in (0, 1]."
-    )
-
-
-@dg.asset(
-    key=ORDERS_KEY,
-    group_name=GROUP,
-    kinds=KINDS,
-    pool="nbpipeline/orders",
-    description=(
-        "The orders source table (one row per order, upserted upstream). Materialize it to seed "
-        "synthetic orders (mode=seed) or apply a change batch (mode=changes)."
-    ),
+ORDERS_DESCRIPTION = (
+    "The orders source table (one row per order), written upstream, never by this pipeline. "
+    "Observing it records its Delta version as the data version (with row count and last "
+    f"commit time), so the outputs show as stale when it moves. Table: ${{{SOURCE_TABLE_ENV}}}, "
+    f"default {settings.DEFAULT_SOURCE_TABLE}."
 )
-def orders(
-    context: dg.AssetExecutionContext, config: OrdersConfig, notebook_backend: NotebookBackend
-) -> dg.MaterializeResult:
-    from nbpipeline import seed
-    from nbpipeline.tables import table_info
+
+
+def _observe_orders(
+    context: dg.AssetExecutionContext, notebook_backend: NotebookBackend
+) -> Iterator[dg.ObserveResult]:
+    from nbpipeline.source import configured_source_table, observe_with_backend
 
     try:
-        ref = parse_table(config.table, what="table")
-        spark = spark_session(notebook_backend)
-        if config.mode == "seed":
-            result = seed.seed_orders(
-                spark,
-                config.table,
-                rows=config.rows,
-                seed=config.seed,
-                dirty=config.dirty,
-                progress=context.log.info,
-            )
-        else:
-            result = seed.apply_changes(
-                spark,
-                config.table,
-                fraction=config.fraction,
-                seed=config.seed,
-                progress=context.log.info,
-            )
+        state = observe_with_backend(notebook_backend, configured_source_table())
     except ConfigError as exc:
-        raise dg.Failure(description=f"orders: {exc}", allow_retries=False) from None
-    info = table_info(spark, ref)
-    metadata: dict[str, Any] = {
-        "mode": config.mode,
-        "rows": info["rows"],
-        "delta_version": info["version"],
-        "seconds": result.get("seconds"),
-    }
-    for key in ("updated", "inserted"):
-        if key in result:
-            metadata[f"rows_{key}"] = result[key]
-    metadata[TABLE_KEY] = ref.sql
-    metadata[ROW_COUNT_KEY] = info["rows"]
-    if info["location"]:
-        metadata[URI_KEY] = str(info["location"])
-    return dg.MaterializeResult(metadata=metadata)
+        # No observation at all rather than a guessed version.
+        hint = f" (hint: {exc.hint})" if exc.hint else ""
+        raise dg.Failure(description=f"orders: {exc.message}{hint}", allow_retries=False) from None
+    context.log.info(f"{state.table} is at version {state.version} ({state.rows:,} rows)")
+    yield dg.ObserveResult(
+        asset_key=ORDERS_KEY,
+        data_version=dg.DataVersion(str(state.version)),
+        metadata=state.metadata(),
+    )
+
+
+with warnings.catch_warnings():
+    # The decorator is marked beta; the warning would print at every load of the definitions.
+    warnings.simplefilter("ignore", dg.BetaWarning)
+    orders = dg.multi_observable_source_asset(
+        specs=[
+            dg.AssetSpec(
+                key=ORDERS_KEY, group_name=GROUP, kinds=KINDS, description=ORDERS_DESCRIPTION
+            )
+        ],
+        name="orders",
+        description=ORDERS_DESCRIPTION,
+    )(_observe_orders)
 
 
 ALL_ASSETS: list[dg.AssetsDefinition] = [orders, *NOTEBOOK_ASSETS.values()]

@@ -78,7 +78,12 @@ def cmd_seed(args: argparse.Namespace) -> int:
             raise ConfigError(f"invalid --changes {args.changes}: expected a fraction in (0, 1]")
         spark = _spark()
         result = seed.apply_changes(
-            spark, args.table, fraction=args.changes, seed=args.seed, progress=_progress
+            spark,
+            args.table,
+            fraction=args.changes,
+            seed=args.seed,
+            progress=_progress,
+            replace=args.replace,
         )
         _progress(
             f"Applied a change batch to {result['table']}: {result['updated']} updated, "
@@ -89,7 +94,13 @@ def cmd_seed(args: argparse.Namespace) -> int:
             raise ConfigError("--rows N (N >= 0) is required unless --changes is given")
         spark = _spark()
         result = seed.seed_orders(
-            spark, args.table, rows=args.rows, seed=args.seed, dirty=args.dirty, progress=_progress
+            spark,
+            args.table,
+            rows=args.rows,
+            seed=args.seed,
+            dirty=args.dirty,
+            progress=_progress,
+            replace=args.replace,
         )
         _progress(
             f"Seeded {result['table']}: {result['rows']} rows, version {result['version']}, "
@@ -177,7 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="status as JSON")
     p.set_defaults(func=cmd_engine)
 
-    p = sub.add_parser("seed", help="write a synthetic orders source table, or a change batch")
+    p = sub.add_parser(
+        "seed",
+        help="demo data: a synthetic orders table or a change batch (only tables it created)",
+        description=(
+            "Create or change a synthetic demo orders table. Tables it creates carry the Delta "
+            "table property nbpipeline.demo=true; any other existing table is refused unless "
+            "--replace is given."
+        ),
+    )
     p.add_argument("--rows", type=int, help="number of orders to generate")
     p.add_argument("--seed", type=int, default=42, help="random seed (same seed, same data)")
     p.add_argument("--dirty", action="store_true", help="add rejected rows and duplicates")
@@ -186,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--table", default=DEFAULT_SOURCE_TABLE, help="source table name or delta.`/path`"
+    )
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="also overwrite (or change) an existing table nbpipeline seed did not create",
     )
     p.set_defaults(func=cmd_seed)
 

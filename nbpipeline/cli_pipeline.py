@@ -268,8 +268,9 @@ def ensure_source(
 ) -> bool:
     """Seed `table` with `rows` synthetic orders if it does not exist; True if it seeded.
 
-    A newcomer's first `nbpipeline run` then works without a separate `nbpipeline seed` step.
-    An existing table, even an empty one, is never touched.
+    A newcomer's first `nbpipeline run` (or `nbpipeline ui`) then works without a separate
+    `nbpipeline seed` step. An existing table, even an empty one, is never touched; the table
+    created here carries the demo mark, so `nbpipeline seed` may later change it.
     """
     from nbpipeline import seed
 
@@ -281,19 +282,24 @@ def ensure_source(
     return True
 
 
-def _seed_default_source_if_missing(run_config: dict[str, Any]) -> None:
-    """Before a run on the local engine with the default source: seed it if it is missing.
+def _seed_default_source_if_missing(run_config: dict[str, Any] | None) -> None:
+    """Before a run (or the UI) on the local engine with the default source: seed it if missing.
 
-    Only the default source is seeded: a table the user named is theirs, and a missing one is
-    reported by the notebooks as the step's error.
+    Only the default source is seeded: a table the user named (in the run config, or
+    NBPIPELINE_SOURCE_TABLE for the UI) is theirs, and a missing one is reported by the notebooks
+    as the step's error. `run_config=None` stands for the UI's defaults.
     """
     from nbpipeline import engine
     from nbpipeline.resources import selected_backend
     from nbpipeline.settings import DEFAULT_SOURCE_TABLE
+    from nbpipeline.source import configured_source_table
 
     if selected_backend() != "local":
         return
-    sources = {cfg["config"].get("source_table") for cfg in run_config["ops"].values()}
+    if run_config is None:
+        sources = {configured_source_table()}
+    else:
+        sources = {cfg["config"].get("source_table") for cfg in run_config["ops"].values()}
     if sources - {None, DEFAULT_SOURCE_TABLE}:
         return
     rows = first_run_rows()
@@ -432,12 +438,16 @@ def run_job_fn(
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
+    # Load (and so validate) the definitions before anything is written or started.
+    from nbpipeline import definitions  # noqa: F401
     from nbpipeline.instance import WORKSPACE_YAML, get_instance
     from nbpipeline.settings import PROJECT_ROOT
 
     # Creates DAGSTER_HOME if needed and the pools' slots before the UI launches any run.
     with get_instance(_progress) as instance:
         home = Path(instance.root_directory)
+    # A newcomer's first click, "Materialize all", then has a source to read.
+    _seed_default_source_if_missing(None)
     cmd = [
         sys.executable,
         "-m",

@@ -1,4 +1,5 @@
-"""The Dagster code location: assets (with their checks), jobs, schedules and the notebook backend.
+"""The Dagster code location: assets (with their checks), jobs, schedules, sensors and the notebook
+backend.
 
 Loaded by `dagster dev` / the webserver (workspace.yaml, `[tool.dagster]` in pyproject) and by
 `nbpipeline run`. Settings come from the environment and are checked here, at load time:
@@ -11,17 +12,19 @@ import dagster as dg
 
 from nbpipeline.assets import ALL_ASSETS
 from nbpipeline.comparison_assets import build_sensor, runtime_comparison, runtime_comparison_job
+from nbpipeline.demo import demo_source
 from nbpipeline.jobs import PARALLEL_JOB, SEQUENTIAL_JOB, build_jobs
 from nbpipeline.resources import resource_defs
 from nbpipeline.schedules import build_schedules
+from nbpipeline.sensors import source_version_sensor
 
 _jobs = build_jobs()
 
 defs = dg.Definitions(
     assets=[*ALL_ASSETS, runtime_comparison],
-    jobs=[*_jobs, runtime_comparison_job],
+    jobs=[*_jobs, runtime_comparison_job, demo_source],
     schedules=build_schedules(),
-    sensors=[build_sensor(_jobs)],
+    sensors=[build_sensor(_jobs), source_version_sensor],
     resources=resource_defs(),
 )
 

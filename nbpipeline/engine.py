@@ -15,7 +15,6 @@ serialises starts, and Spark's scratch space. Tables live in `<home>/warehouse`,
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import importlib.metadata
 import json
 import logging
@@ -312,12 +311,11 @@ def _port_open(host: str, port: int) -> bool:
 
 @contextlib.contextmanager
 def _start_lock(config: EngineConfig) -> Iterator[None]:
-    with open(config.state_dir / "start.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    # filelock, not fcntl: this module is imported when the definitions load, on any platform.
+    from filelock import FileLock
+
+    with FileLock(str(config.state_dir / "start.lock")):
+        yield
 
 
 def _read_state(config: EngineConfig) -> dict | None:

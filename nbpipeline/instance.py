@@ -8,7 +8,6 @@ and the processes they start.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 from collections.abc import Callable
@@ -62,7 +61,7 @@ def pool_names() -> list[str]:
     from nbpipeline.assets import pool_name
     from nbpipeline.backends.base import NOTEBOOK_NAMES
 
-    return [*(pool_name(nb) for nb in NOTEBOOK_NAMES), pool_name("orders")]
+    return [pool_name(nb) for nb in NOTEBOOK_NAMES]
 
 
 def ensure_pools(instance: dg.DagsterInstance) -> None:
@@ -84,13 +83,11 @@ def ensure_pools(instance: dg.DagsterInstance) -> None:
         return  # no default limit configured: pools are unlimited, nothing to create
     root = instance.root_directory
     lock_path = Path(root) / ".nbpipeline-pools.lock"
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            for pool in pool_names():
-                storage.initialize_concurrency_limit_to_default(pool)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    from filelock import FileLock
+
+    with FileLock(str(lock_path)):
+        for pool in pool_names():
+            storage.initialize_concurrency_limit_to_default(pool)
 
 
 def get_instance(progress: Callable[[str], None] | None = None) -> dg.DagsterInstance:

@@ -10,6 +10,7 @@ JVM, reached by every step process through the backend) and would otherwise be c
 
 from __future__ import annotations
 
+import multiprocessing
 from typing import Any
 
 import dagster as dg
@@ -40,12 +41,20 @@ def max_concurrent_default() -> int:
     return positive_int_env(MAX_CONCURRENT_ENV, DEFAULT_MAX_CONCURRENT)
 
 
+def start_method_config() -> dict[str, Any]:
+    """The multiprocess executor's start method: forkserver with preloaded modules where the
+    platform has it, else `spawn` (Windows has no forkserver)."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        return {"forkserver": {"preload_modules": FORKSERVER_PRELOAD}}
+    return {"spawn": {}}
+
+
 def parallel_execution_config(max_concurrent: int | None = None) -> dict[str, Any]:
     """The `execution` run config of the parallel job."""
     return {
         "config": {
             "max_concurrent": max_concurrent or max_concurrent_default(),
-            "start_method": {"forkserver": {"preload_modules": FORKSERVER_PRELOAD}},
+            "start_method": start_method_config(),
         }
     }
 

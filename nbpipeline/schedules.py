@@ -18,11 +18,11 @@ from dagster._utils.schedules import is_valid_cron_string
 from nbpipeline.assets import MODE_TAG, op_config
 from nbpipeline.errors import ConfigError
 from nbpipeline.jobs import PARALLEL_JOB, SEQUENTIAL_JOB
+from nbpipeline.source import SOURCE_TABLE_ENV
 
 SEQUENTIAL_CRON_ENV = "NBPIPELINE_SEQUENTIAL_CRON"
 PARALLEL_CRON_ENV = "NBPIPELINE_PARALLEL_CRON"
 TIMEZONE_ENV = "NBPIPELINE_SCHEDULE_TIMEZONE"
-SOURCE_TABLE_ENV = "NBPIPELINE_SOURCE_TABLE"
 DEFAULT_CRONS = {"sequential": "0 2 * * *", "parallel": "0 3 * * *"}
 DEFAULT_TIMEZONE = "UTC"
 SCHEDULE_NAMES = {

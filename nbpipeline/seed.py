@@ -9,6 +9,10 @@ session, a local engine or Databricks serverless (no caching, no RDDs, no UDFs).
 contract rejects, duplicate order_ids that exercise each tie-break rule, and valid rows with NULL
 category, region and updated_at. `apply_changes` MERGEs an upstream-like change batch (status
 changes, corrections, cancellations, new orders) into an existing table.
+
+This is a demo tool, and a real source belongs to its user: every table `seed_orders` writes
+carries the Delta table property `nbpipeline.demo = true`, and both functions refuse (before
+writing anything) an existing table without it unless `replace=True` (`--replace` on the CLI).
 """
 
 from __future__ import annotations
@@ -79,6 +83,11 @@ NEW_STATUS_WEIGHTS: tuple[tuple[str, float], ...] = (
     ("returned", 0.01),
     ("cancelled", 0.07),
 )
+
+#: The Delta table property marking a table as created by `seed_orders` (synthetic demo data).
+DEMO_PROPERTY = "nbpipeline.demo"
+REPLACE_OPTION = "--replace"
+_MISSING_DELTA = "DELTA_MISSING_DELTA_TABLE"
 
 _T0 = 1672531200  # 2023-01-01T00:00:00Z
 _TWO_YEARS = 730 * 86400
@@ -434,12 +443,70 @@ def _latest_commit(spark: SparkSession, ref: TableRef) -> tuple[int, dict[str, s
     return int(row["version"]), dict(row["operationMetrics"] or {})
 
 
-def _write(df: DataFrame, ref: TableRef) -> None:
-    writer = df.write.format("delta").mode("overwrite").option("overwriteSchema", "true")
-    if ref.path is not None:
-        writer.save(ref.path)
-    else:
-        writer.saveAsTable(ref.sql)
+def table_exists(spark: SparkSession, ref: TableRef) -> bool:
+    """Whether a table (or a Delta table at a path) exists."""
+    try:
+        return bool(spark.catalog.tableExists(ref.sql))
+    except Exception as exc:
+        # A path without a Delta log is reported as an error, not as False; files of another
+        # format there are someone's data all the same.
+        if ref.path is not None and _MISSING_DELTA in str(exc):
+            return _has_files(spark, ref.path)
+        raise
+
+
+def _has_files(spark: SparkSession, path: str) -> bool:
+    """Whether anything is stored under `path` (read by the engine, which may be remote)."""
+    try:
+        files = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(path)
+        return bool(files.select("path").limit(1).collect())
+    except Exception as exc:
+        if "PATH_NOT_FOUND" in str(exc):
+            return False
+        raise
+
+
+def is_demo_table(spark: SparkSession, ref: TableRef) -> bool:
+    """Whether an existing table carries the demo mark (`nbpipeline.demo = true`)."""
+    try:
+        detail = spark.sql(f"DESCRIBE DETAIL {ref.sql}").collect()[0]
+    except Exception as exc:
+        if ref.path is not None and _MISSING_DELTA in str(exc):
+            return False  # files, but no Delta table: not ours
+        raise
+    properties = detail["properties"] or {}
+    return str(properties.get(DEMO_PROPERTY, "")).strip().lower() == "true"
+
+
+def check_demo_table(spark: SparkSession, ref: TableRef, *, action: str, replace: bool) -> bool:
+    """Refuse to `action` an existing table nbpipeline did not create; True if the table exists.
+
+    A table without the demo mark belongs to the user: a ConfigError naming it and the override
+    is raised before anything is written, unless `replace` is set.
+    """
+    if not table_exists(spark, ref):
+        return False
+    if replace or is_demo_table(spark, ref):
+        return True
+    raise ConfigError(
+        f"refusing to {action} {ref.sql}: it exists and was not created by nbpipeline seed "
+        f"(no {DEMO_PROPERTY} table property); {REPLACE_OPTION} overrides this",
+        hint=f"use another --table for demo data, or pass {REPLACE_OPTION} if {ref.sql} may be "
+        "overwritten with synthetic rows",
+    )
+
+
+def _write(spark: SparkSession, df: DataFrame, ref: TableRef) -> None:
+    """Create or replace the table with `df`, marked as demo data, in one Delta commit."""
+    view = f"nbpipeline_seed_{uuid.uuid4().hex[:12]}"
+    df.createOrReplaceTempView(view)
+    try:
+        spark.sql(
+            f"CREATE OR REPLACE TABLE {ref.sql} USING DELTA "
+            f"TBLPROPERTIES ('{DEMO_PROPERTY}' = 'true') AS SELECT * FROM {view}"
+        )
+    finally:
+        spark.catalog.dropTempView(view)
 
 
 def seed_orders(
@@ -450,11 +517,13 @@ def seed_orders(
     seed: int = 42,
     dirty: bool = False,
     progress: Progress | None = None,
+    replace: bool = False,
 ) -> dict[str, Any]:
-    """(Re)create the source table `table` with `rows` deterministic synthetic orders.
+    """(Re)create the demo source table `table` with `rows` deterministic synthetic orders.
 
     `table` is `[catalog.]schema.table` (the schema is created if missing) or ``delta.`/path` ``.
-    The table is overwritten. Customers and products follow a power law (a few have many
+    A table this function created (marked `nbpipeline.demo = true`) is overwritten; any other
+    existing table is refused with a ConfigError unless `replace` is set. Customers and products follow a power law (a few have many
     orders), each product has one category, regions are a handful of values, order_ts spans
     2023-2024 (UTC), statuses and discounts have realistic weights and some orders exceed
     1000.00 net. With `dirty=True` the table also holds rows of every kind the data contract
@@ -468,11 +537,12 @@ def seed_orders(
     _check_rows(rows, dirty)
     _check_seed(seed)
     started = time.monotonic()
+    check_demo_table(spark, ref, action="overwrite", replace=replace)
     if progress:
         progress(f"Seeding {rows:,} {'dirty ' if dirty else ''}orders into {ref.sql} ...")
     if ref.schema_sql is not None:
         spark.sql(f"CREATE SCHEMA IF NOT EXISTS {ref.schema_sql}")
-    _write(_orders(spark, rows, seed=seed, dirty=dirty), ref)
+    _write(spark, _orders(spark, rows, seed=seed, dirty=dirty), ref)
     version, _ = _latest_commit(spark, ref)
     seconds = round(time.monotonic() - started, 3)
     if progress:
@@ -549,8 +619,12 @@ def apply_changes(
     fraction: float,
     seed: int = 7,
     progress: Progress | None = None,
+    replace: bool = False,
 ) -> dict[str, Any]:
-    """MERGE a deterministic upstream change batch into the source table `table`.
+    """MERGE a deterministic upstream change batch into the demo source table `table`.
+
+    Only a table `seed_orders` created (marked `nbpipeline.demo = true`) is changed; any other is
+    refused with a ConfigError unless `replace` is set.
 
     About `fraction` of the existing orders change, each with a newer updated_at: status moves
     (placed -> shipped/cancelled, shipped -> delivered/returned, delivered -> returned) and
@@ -567,6 +641,11 @@ def apply_changes(
         raise ConfigError(f"fraction must be a number in (0, 1], got {fraction!r}")
     fraction = float(fraction)
     started = time.monotonic()
+    if not check_demo_table(spark, ref, action="change", replace=replace):
+        raise ConfigError(
+            f"{ref.sql} does not exist",
+            hint=f"create a demo source first: nbpipeline seed --rows 10000 --table {ref.sql}",
+        )
     if progress:
         progress(f"Applying a change batch ({fraction:.1%}) to {ref.sql} ...")
 

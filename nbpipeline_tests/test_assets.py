@@ -345,29 +345,3 @@ def test_checks_the_notebook_did_not_evaluate_are_warnings() -> None:
         assert evaluation.severity == dg.AssetCheckSeverity.WARN
         assert evaluation.description.startswith("not evaluated: ")
         assert evaluation.metadata["evaluated"].value is False
-
-
-@pytest.mark.spark
-@pytest.mark.dagster
-def test_orders_asset_seeds_and_applies_changes(spark, schema) -> None:
-    table = f"{schema}.orders"
-    instance = dg.DagsterInstance.ephemeral()
-
-    def run(config: dict[str, Any]) -> dict[str, Any]:
-        result = dg.materialize(
-            [*ALL_ASSETS],
-            selection=dg.AssetSelection.assets("orders"),
-            resources={"notebook_backend": LocalNotebookBackend()},
-            run_config={"ops": {"orders": {"config": {"table": table, **config}}}},
-            instance=instance,
-        )
-        return materializations(result)["orders"]
-
-    seeded = run({"mode": "seed", "rows": 300, "seed": 3})
-    assert seeded["rows"] == 300 == spark.table(table).count()
-    assert seeded["delta_version"] == latest_version(spark, table)
-    assert seeded["dagster/table_name"] == table
-    changed = run({"mode": "changes", "fraction": 0.2, "seed": 5})
-    assert changed["delta_version"] == seeded["delta_version"] + 1
-    assert changed["rows_updated"] > 0
-    assert changed["rows"] == spark.table(table).count() == 300 + changed["rows_inserted"]

@@ -153,7 +153,6 @@ def test_pools_exist_with_one_slot_before_any_run(tmp_path: Path) -> None:
             "nbpipeline/Notebook2",
             "nbpipeline/Notebook3",
             "nbpipeline/Notebook4",
-            "nbpipeline/orders",
         ]
         for pool in pool_names():
             info = instance.event_log_storage.get_concurrency_info(pool)

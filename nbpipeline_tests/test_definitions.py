@@ -47,6 +47,14 @@ def test_asset_graph_snapshot() -> None:
         assert node.description
         expected_parents = set() if name == "orders" else {dg.AssetKey("orders")}
         assert node.parent_keys == expected_parents
+    # The source is observed, never materialized: nothing in the graph writes it.
+    source = graph.get(dg.AssetKey("orders"))
+    assert source.is_observable and not source.is_materializable
+    assert all(
+        graph.get(dg.AssetKey(name)).is_materializable
+        and not graph.get(dg.AssetKey(name)).is_observable
+        for name in OUTPUTS
+    )
     # Notebook4 is one step that yields both of its tables.
     steps = {
         a.node_def.name: sorted(k.to_user_string() for k in a.keys)
@@ -65,7 +73,8 @@ def test_asset_graph_snapshot() -> None:
 def test_pools_and_retry_policy() -> None:
     for assets_def in definitions.defs.assets:  # type: ignore[union-attr]
         op = assets_def.op
-        if op.name == "runtime_comparison":  # reads the event log only; needs no pool
+        if op.name in ("runtime_comparison", "orders"):  # they only read; no pool needed
+            assert op.pool is None
             continue
         assert op.pool == f"nbpipeline/{op.name}"
         if op.name != "orders":
@@ -134,6 +143,18 @@ def test_schedules_snapshot() -> None:
     assert (seq.cron_schedule, par.cron_schedule) == ("0 2 * * *", "0 3 * * *")
     assert seq.execution_timezone == par.execution_timezone == "UTC"
     assert seq.default_status == par.default_status == dg.DefaultScheduleStatus.STOPPED
+
+
+def test_sensors_and_demo_job_snapshot() -> None:
+    sensors = {s.name: s for s in definitions.defs.sensors}  # type: ignore[union-attr]
+    assert set(sensors) == {"runtime_comparison_sensor", "source_version_sensor"}
+    source = sensors["source_version_sensor"]
+    assert source.default_status == dg.DefaultSensorStatus.STOPPED  # like the schedules
+    assert source.job_name == "parallel_notebooks"
+    # Demo data is a job of its own, writing no asset: "Materialize all" never runs it.
+    demo = definitions.defs.resolve_job_def("demo_source")
+    assert {n.name for n in demo.graph.node_defs} == {"demo_source_data"}
+    assert not demo.asset_layer.asset_graph.get_all_asset_keys()
 
 
 def test_resource_is_the_abstract_backend() -> None:

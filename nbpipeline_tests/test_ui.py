@@ -1,7 +1,8 @@
 """The user's path in a real browser: `nbpipeline ui` (dagster dev) driven by headless Chromium.
 
 One test walks what a user does in the Dagster UI, in order, and asserts on what is on screen:
-the asset graph with its six assets; materializing the `orders` source from the launchpad;
+the asset graph with its six assets; a newcomer's first click, "Materialize all", which writes
+the five outputs and leaves the `orders` source (observed, never written) as it was;
 launching `parallel_notebooks` from the UI and its run timeline (one bar per notebook step);
 switching a schedule on and off; after a sequential run (from the command line, on the same
 instance), the `runtime_comparison` asset's speedup, refreshed by the sensor.
@@ -31,9 +32,10 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from nbpipeline.cli_pipeline import FIRST_RUN_ROWS_ENV
 from nbpipeline.instance import PROJECT_DAGSTER_YAML
 from nbpipeline.schedules import SCHEDULE_NAMES
-from nbpipeline.settings import PROJECT_ROOT
+from nbpipeline.settings import DEFAULT_SOURCE_TABLE, PROJECT_ROOT
 from nbpipeline.tables import OUTPUT_TABLES
 
 pytestmark = [pytest.mark.ui, pytest.mark.spark, pytest.mark.dagster, pytest.mark.slow]
@@ -51,7 +53,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-SOURCE_ROWS = 1000  # small: the test is about the UI path, not the data
+SOURCE_ROWS = 1000  # small (if `nbpipeline ui` seeds it): the test is about the UI path
 ASSETS = ["orders", *OUTPUT_TABLES]  # the six assets of the nbpipeline group
 NOTEBOOK_STEP = re.compile(r"^Notebook[1-4]$")
 # Generous: a run of four notebooks takes under a minute on an idle laptop, but several
@@ -134,6 +136,8 @@ def dagster_dev(spark, tmp_path: Path, artifacts: Path) -> Iterator[DagsterDev]:
     shutil.copyfile(PROJECT_DAGSTER_YAML, home / "dagster.yaml")
     port = _free_port()
     env = {**os.environ, "DAGSTER_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    # `nbpipeline ui` seeds the default source if there is none yet (a newcomer's machine).
+    env[FIRST_RUN_ROWS_ENV] = str(SOURCE_ROWS)
     # The step processes import nbpipeline from this checkout, whatever is installed.
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p
@@ -151,7 +155,8 @@ def dagster_dev(spark, tmp_path: Path, artifacts: Path) -> Iterator[DagsterDev]:
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_until_serving(url, proc, log, timeout_s=180)
+        # Generous: on a newcomer's machine `nbpipeline ui` first seeds the default source.
+        _wait_until_serving(url, proc, log, timeout_s=600)
         yield DagsterDev(url=url, home=home, env=env, log=log)
     finally:
         _stop_group(proc)
@@ -199,15 +204,32 @@ def _wait_for_run(home: Path, run_id: str, timeout_s: float = RUN_TIMEOUT_S) -> 
     pytest.fail(f"run {run_id} did not finish within {timeout_s:.0f}s")
 
 
+def _version_and_rows(spark, table: str) -> tuple[int, int]:
+    version = spark.sql(f"DESCRIBE HISTORY {table} LIMIT 1").collect()[0]["version"]
+    return int(version), spark.table(table).count()
+
+
+def _new_run_id(home: Path, known: set[str], timeout_s: float = 120) -> str:
+    """The id of the run a click launched (one not in `known`)."""
+    deadline = time.monotonic() + timeout_s
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        while time.monotonic() < deadline:
+            new = [r.run_id for r in instance.get_runs() if r.run_id not in known]
+            if new:
+                return new[0]
+            time.sleep(0.5)
+    pytest.fail(f"no run was launched within {timeout_s:.0f}s")
+
+
 def _run_id_from_url(url: str) -> str:
     match = re.search(r"/runs/([0-9a-f-]{36})", url)
     assert match, f"not a run page: {url}"
     return match.group(1)
 
 
-def test_user_path_in_the_dagster_ui(dagster_dev: DagsterDev, page, artifacts: Path) -> None:
+def test_user_path_in_the_dagster_ui(spark, dagster_dev: DagsterDev, page, artifacts: Path) -> None:
     try:
-        _walk_the_user_path(dagster_dev, page, artifacts)
+        _walk_the_user_path(spark, dagster_dev, page, artifacts)
     except BaseException:
         # What the browser showed when the test failed.
         with contextlib.suppress(Exception):
@@ -215,7 +237,7 @@ def test_user_path_in_the_dagster_ui(dagster_dev: DagsterDev, page, artifacts: P
         raise
 
 
-def _walk_the_user_path(dagster_dev: DagsterDev, page, artifacts: Path) -> None:
+def _walk_the_user_path(spark, dagster_dev: DagsterDev, page, artifacts: Path) -> None:
     from playwright.sync_api import expect
 
     ui = dagster_dev.url
@@ -223,22 +245,19 @@ def _walk_the_user_path(dagster_dev: DagsterDev, page, artifacts: Path) -> None:
     # 1. The asset graph shows the six assets of the nbpipeline group.
     _asset_graph(page, ui, artifacts, "1_asset_graph")
 
-    # 2. Materialize the source from its launchpad, with a small row count.
-    page.goto(f"{ui}/assets/orders")
-    # (the button's accessible name starts with its icon's label)
-    page.get_by_role("button", name=re.compile(r"Materialize$")).wait_for()
-    # The caret beside "Materialize" opens the menu holding "Open launchpad".
-    page.locator("button:right-of(:text('Materialize'))").first.click()
-    page.get_by_role("menuitem", name="Open launchpad").click()
-    dialog = page.get_by_role("dialog")
-    editor = dialog.locator(".CodeMirror")
-    editor.get_by_text("10000", exact=True).dblclick()  # the default `rows: 10000`
-    page.keyboard.type(str(SOURCE_ROWS))
-    expect(editor).to_contain_text(f"rows: {SOURCE_ROWS}")
-    dialog.get_by_role("button", name="Materialize").click()
-    page.wait_for_url(re.compile(r".*/runs/[0-9a-f-]{36}"))
-    seed_run = _wait_for_run(dagster_dev.home, _run_id_from_url(page.url))
-    assert seed_run.status == dg.DagsterRunStatus.SUCCESS, seed_run.status
+    # 2. A newcomer's first click: "Materialize all" on the group. It writes the five outputs
+    # and leaves the source (the user's table; observed, never written) as it was.
+    source = DEFAULT_SOURCE_TABLE
+    before = _version_and_rows(spark, source)
+    with dg.DagsterInstance.from_config(str(dagster_dev.home)) as instance:
+        known = {r.run_id for r in instance.get_runs()}
+    page.goto(f"{ui}/locations/nbpipeline/asset-groups/nbpipeline/lineage")
+    # The graph's six assets, five of them materializable: the button says "Materialize all (5)".
+    page.get_by_role("button", name=re.compile(r"Materialize all \(5\)$")).click()
+    all_run = _wait_for_run(dagster_dev.home, _new_run_id(dagster_dev.home, known))
+    assert all_run.status == dg.DagsterRunStatus.SUCCESS, all_run.status
+    assert {k.to_user_string() for k in all_run.asset_selection or ()} == set(OUTPUT_TABLES)
+    assert _version_and_rows(spark, source) == before
 
     # 3. A sequential run on the same instance, from the command line as a user might, while
     # the browser switches a schedule on and off. It comes first: the comparison sensor reacts

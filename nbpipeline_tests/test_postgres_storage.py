@@ -1,0 +1,87 @@
+"""Pool claims on a team's PostgreSQL instance: of CLAIMERS processes claiming a limit-1 pool at
+the same moment, exactly one gets it with the project's storage (docs/dagster-postgres.yaml), and
+freeing it hands it to exactly one waiting step. dagster-postgres's own storage lets several win
+(its claim's row lock ends before the write, in autocommit), which is why the project's exists.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from nbpipeline.settings import PROJECT_ROOT
+from nbpipeline_tests.postgres import Postgres, postgres_server
+from nbpipeline_tests.test_instance_storage import CLAIMERS, PLAIN_YAML, POOL, claimed_together
+
+pytestmark = pytest.mark.dagster
+
+TEAM_YAML = PROJECT_ROOT / "docs" / "dagster-postgres.yaml"
+PLAIN_POSTGRES = """storage:
+  postgres:
+    postgres_db:
+      hostname: {env: DAGSTER_PG_HOST}
+      port: {env: DAGSTER_PG_PORT}
+      db_name: {env: DAGSTER_PG_DB}
+      username: {env: DAGSTER_PG_USERNAME}
+      scheme: postgresql+psycopg2
+"""
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Postgres]:
+    with postgres_server() as pg:
+        yield pg
+
+
+def _home(tmp_path: Path, pg: Postgres, monkeypatch: pytest.MonkeyPatch, project: bool) -> Path:
+    """A DAGSTER_HOME on a fresh database of the server (so every round starts empty)."""
+    import psycopg2
+
+    name = f"d_{tmp_path.name.lower()}"[:60]
+    conn = psycopg2.connect(host=pg.host, port=pg.port, user=pg.user, dbname=pg.database)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    conn.close()
+    for key, value in {**pg.env(), "DAGSTER_PG_DB": name}.items():
+        monkeypatch.setenv(key, value)  # forked claimers inherit them
+    home = tmp_path / "home"
+    home.mkdir()
+    if project:
+        shutil.copyfile(TEAM_YAML, home / "dagster.yaml")
+    else:
+        (home / "dagster.yaml").write_text(PLAIN_POSTGRES + PLAIN_YAML)
+    return home
+
+
+def test_one_claim_wins_and_its_release_hands_it_to_one(
+    server, tmp_path_factory, monkeypatch
+) -> None:
+    for attempt in range(3):
+        home = _home(tmp_path_factory.mktemp(f"p{attempt}"), server, monkeypatch, project=True)
+        assert claimed_together(home, monkeypatch) == 1, f"round {attempt}"
+    with dg.DagsterInstance.get() as instance:
+        storage = instance.event_log_storage
+        info = storage.get_concurrency_info(POOL)
+        (holder,) = info.claimed_slots
+        assert len(info.pending_steps) == CLAIMERS
+        storage.free_concurrency_slot_for_step(holder.run_id, holder.step_key)
+        waiting = list(storage.get_concurrency_info(POOL).pending_steps)
+        assigned = [p for p in waiting if p.assigned_timestamp is not None]
+        assert len(waiting) == CLAIMERS - 1 and len(assigned) == 1
+        assert storage.claim_concurrency_slot(POOL, assigned[0].run_id, "Notebook1").is_claimed
+
+
+def test_plain_dagster_postgres_storage_lets_several_claims_win(
+    server, tmp_path_factory, monkeypatch
+) -> None:
+    """If dagster-postgres's claim becomes atomic, this fails and postgres_storage.py can go."""
+    for attempt in range(10):
+        home = _home(tmp_path_factory.mktemp(f"q{attempt}"), server, monkeypatch, project=False)
+        if claimed_together(home, monkeypatch) > 1:
+            return
+    pytest.fail(f"10 rounds of {CLAIMERS} simultaneous claims never over-claimed dagster-postgres")
