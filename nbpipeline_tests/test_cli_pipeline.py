@@ -118,6 +118,8 @@ def test_ui_runs_dagster_dev_on_the_same_instance(
             return 0
 
     monkeypatch.setattr(cp.subprocess, "Popen", FakePopen)
+    # The first-run seeding (it starts the engine) has tests of its own.
+    monkeypatch.setattr(cp, "_seed_default_source_if_missing", lambda run_config: None)
     monkeypatch.setenv("NBPIPELINE_HOME", str(tmp_path))
     monkeypatch.setenv("DAGSTER_HOME", "placeholder")
     monkeypatch.delenv("DAGSTER_HOME")
