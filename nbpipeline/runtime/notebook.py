@@ -12,9 +12,10 @@ with the notebook-level traceback and without JVM frames.
 from __future__ import annotations
 
 import ast
+import contextlib
 import linecache
 import traceback
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -261,6 +262,31 @@ def run_notebook(
 
 
 def _execute(path: Path, cells: list[Cell], params: dict[str, str], spark: Any) -> str | None:
+    with _active_session(spark):
+        return _execute_cells(path, cells, params, spark)
+
+
+@contextlib.contextmanager
+def _active_session(spark: Any) -> Iterator[None]:
+    """`spark` is this thread's active session while the notebook runs, as on Databricks.
+
+    Spark Connect builds some results on the active session (a checkpoint's DataFrame), which in
+    a process holding several sessions (a run's shared session beside another) would otherwise be
+    the first session the thread created, and the notebook's next query would not find them.
+    """
+    holder = getattr(type(spark), "_active_session", None)  # Spark Connect's thread-local
+    if holder is None:
+        yield
+        return
+    previous = getattr(holder, "session", None)
+    holder.session = spark
+    try:
+        yield
+    finally:
+        holder.session = previous
+
+
+def _execute_cells(path: Path, cells: list[Cell], params: dict[str, str], spark: Any) -> str | None:
     dbutils = DBUtils(params, notebook_path=path, spark=spark)
     namespace: dict[str, Any] = {
         "__name__": "__main__",
