@@ -92,3 +92,20 @@ class PoolSafePostgresEventLogStorage(PostgresEventLogStorage):
 
 
 lock_pool_methods(PoolSafePostgresEventLogStorage, PostgresEventLogStorage)
+_locked_initialize = PoolSafePostgresEventLogStorage.initialize_concurrency_limit_to_default
+
+
+def _initialize_once(self: PoolSafePostgresEventLogStorage, concurrency_key: str) -> bool:
+    """Two processes that both saw no limit for a pool initialise it one after the other; for
+    the second, dagster-postgres's insert fails on the existing row and its fallback update runs
+    in the transaction PostgreSQL has already aborted. A pool already at the default limit needs
+    nothing more."""
+    with self.pool_lock.held():
+        default = self._instance.global_op_concurrency_default_limit if self.has_instance else None
+        current = next((p for p in self.get_pool_limits() if p.name == concurrency_key), None)
+        if current is not None and current.from_default and current.limit == default:
+            return True
+        return _locked_initialize(self, concurrency_key)
+
+
+PoolSafePostgresEventLogStorage.initialize_concurrency_limit_to_default = _initialize_once  # type: ignore[method-assign]

@@ -85,3 +85,17 @@ def test_plain_dagster_postgres_storage_lets_several_claims_win(
         if claimed_together(home, monkeypatch) > 1:
             return
     pytest.fail(f"10 rounds of {CLAIMERS} simultaneous claims never over-claimed dagster-postgres")
+
+
+def test_a_pool_initialised_twice_stays_usable(server, tmp_path_factory, monkeypatch) -> None:
+    """Two processes that both found a pool missing initialise it in turn: on dagster-postgres
+    the second one's fallback update ran in an aborted transaction and failed its run."""
+    home = _home(tmp_path_factory.mktemp("init"), server, monkeypatch, project=True)
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    with dg.DagsterInstance.get() as instance:
+        storage = instance.event_log_storage
+        assert storage.initialize_concurrency_limit_to_default(POOL)
+        assert storage.initialize_concurrency_limit_to_default(POOL)
+        info = storage.get_concurrency_info(POOL)
+        assert info.slot_count == 1
+        assert storage.claim_concurrency_slot(POOL, "run-a", "Notebook1").is_claimed
