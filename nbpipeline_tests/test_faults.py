@@ -119,7 +119,9 @@ def broken_notebooks(folder: Path, gates: Path) -> Path:
         '          f"SELECT * FROM {run.clean_view} WHERE nbp_test_hold(order_id)")',
     )
     text = nb4.read_text()
-    facts_source = '        FROM {run.clean_view}\n    """,\n)'
+    facts_source = (
+        '        FROM {run.clean_view}\n    """,\n    amounts=["gross_amount", "net_amount"],'
+    )
     assert facts_source in text, "Notebook4's order_facts MERGE changed: update the test"
     nb4.write_text(
         text.replace(facts_source, facts_source.replace("{run.clean_view}", "nbp_test_held"), 1)
