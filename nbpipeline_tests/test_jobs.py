@@ -18,6 +18,7 @@ from nbpipeline import definitions
 from nbpipeline.assets import SOURCE_VERSION_TAG, op_config
 from nbpipeline.checks import VALID_ROW_SQL
 from nbpipeline.tables import OUTPUT_KEYS, OUTPUT_TABLES
+from nbpipeline_tests.helpers import latest_version, step_windows
 
 pytestmark = [pytest.mark.spark, pytest.mark.dagster]
 
@@ -32,29 +33,6 @@ def source(spark, schema: str) -> str:
     table = f"{schema}.orders"
     seed_orders(spark, table, rows=ROWS, seed=23, dirty=True)
     return table
-
-
-def latest_version(spark: Any, table: str) -> int:
-    return int(spark.sql(f"DESCRIBE HISTORY {table} LIMIT 1").collect()[0]["version"])
-
-
-def step_windows(instance: dg.DagsterInstance, run_id: str) -> dict[str, tuple[float, float, int]]:
-    """step key -> (start, end, pid) from the run's event log."""
-    starts: dict[str, tuple[float, int]] = {}
-    windows: dict[str, tuple[float, float, int]] = {}
-    for entry in instance.all_logs(run_id):
-        event = entry.dagster_event
-        if event is None or not event.step_key:
-            continue
-        if event.event_type == dg.DagsterEventType.STEP_START:
-            starts[event.step_key] = (entry.timestamp, event.pid)
-        elif event.event_type in (
-            dg.DagsterEventType.STEP_SUCCESS,
-            dg.DagsterEventType.STEP_FAILURE,
-        ):
-            start, pid = starts[event.step_key]
-            windows[event.step_key] = (start, entry.timestamp, pid)
-    return windows
 
 
 def assert_contract_invariants(spark: Any, schema: str, source: str) -> None:
