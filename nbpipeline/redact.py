@@ -111,8 +111,12 @@ class RedactingStream(io.TextIOBase):
         super().__init__()
         self._stream = stream
 
-    def write(self, text: str) -> int:
-        self._stream.write(redact(text))
+    def write(self, text: str | bytes) -> int:
+        # click.echo (Dagster's telemetry notice, for one) may hand a text stream bytes.
+        if isinstance(text, bytes | bytearray):
+            self._stream.write(redact(bytes(text).decode(self.encoding, errors="replace")))
+        else:
+            self._stream.write(redact(text))
         return len(text)
 
     def flush(self) -> None:

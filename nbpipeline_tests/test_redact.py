@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 
+import click
 import pytest
 
 from nbpipeline import redact
@@ -76,6 +77,15 @@ def test_the_cli_streams_mask_whatever_is_printed(secrets: dict[str, str]) -> No
     stream = redact.RedactingStream(sink)
     print("x", secrets["WAREHOUSE_PASSWORD"], file=stream)
     assert sink.getvalue() == "x ***\n"
+
+
+def test_click_output_on_the_cli_streams_is_masked(
+    secrets: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Dagster prints its first-run telemetry notice with click, which hands the stream bytes.
+    with redact.redacting_std_streams():
+        click.secho(f"notice {secrets['WAREHOUSE_PASSWORD']}", err=True)
+    assert capsys.readouterr().err == "notice ***\n"
 
 
 def test_short_values_are_not_masked_as_plain_text(monkeypatch: pytest.MonkeyPatch) -> None:
