@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from nbpipeline import engine
 from nbpipeline.errors import EngineError, JarsError
+from nbpipeline.local import engine
 
 
 def test_coordinate_matches_installed_pyspark_and_delta() -> None:

@@ -22,7 +22,7 @@ import dagster as dg
 import psutil
 import pytest
 
-from nbpipeline import engine
+from nbpipeline.local import engine
 from nbpipeline.settings import PROJECT_ROOT
 from nbpipeline.tables import OUTPUT_TABLES
 from nbpipeline_tests.helpers import (

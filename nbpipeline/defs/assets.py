@@ -23,8 +23,11 @@ import pydantic
 from pydantic import Field
 
 from nbpipeline import settings
-from nbpipeline.backends.base import NOTEBOOK_NAMES, NotebookBackend, NotebookRun
-from nbpipeline.checks import check_results, check_specs
+from nbpipeline.backend import NOTEBOOK_NAMES, NotebookBackend, NotebookResult
+from nbpipeline.defs.checks import check_results, check_specs
+from nbpipeline.defs.metadata import table_metadata
+from nbpipeline.defs.source import SOURCE_TABLE_ENV
+from nbpipeline.defs.tags import SOURCE_VERSION_TAG, SOURCE_VERSIONS_TAG
 from nbpipeline.errors import (
     ConfigError,
     EngineError,
@@ -33,10 +36,8 @@ from nbpipeline.errors import (
     NbPipelineError,
     NotebookError,
 )
-from nbpipeline.metadata import table_metadata
+from nbpipeline.local.runtime import declared_widgets
 from nbpipeline.redact import redact, scrub
-from nbpipeline.runtime import declared_widgets
-from nbpipeline.source import SOURCE_TABLE_ENV
 from nbpipeline.tables import OUTPUT_KEYS, OUTPUT_TABLES
 from nbpipeline.widgets import (
     WIDGET_DESCRIPTIONS,
@@ -48,18 +49,11 @@ from nbpipeline.widgets import (
 GROUP = "nbpipeline"
 KINDS = {"spark", "delta"}
 ORDERS_KEY = dg.AssetKey("orders")
-MODE_TAG = "nbpipeline/mode"
-#: The source version a run reads: set at launch (the source-version sensor, the bench) or by
-#: the run's first step to finish.
-SOURCE_VERSION_TAG = "nbpipeline/source_version"
-# Set only if the steps of one run read different source versions, which the run-wide version
-# resolution (`run_source_version`) prevents.
-SOURCE_VERSIONS_TAG = "nbpipeline/source_versions"
 DEFAULT_TIMEOUT_SECONDS = 3600
 
 #: A bounded retry for transient failures (engine restart, Delta commit conflict, network).
 #: Bad parameters and data errors are raised as `dg.Failure(allow_retries=False)` instead.
-RETRY_POLICY = dg.RetryPolicy(
+STEP_RETRY_POLICY = dg.RetryPolicy(
     max_retries=3, delay=2.0, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
 )
 
@@ -245,7 +239,7 @@ def _failure(notebook: str, exc: Exception) -> dg.Failure:
 # --------------------------------------------------------------------------- notebook steps
 
 
-def _tag_source_version(context: dg.AssetExecutionContext, run: NotebookRun) -> None:
+def _tag_source_version(context: dg.AssetExecutionContext, run: NotebookResult) -> None:
     """Tag the run with the source version its notebooks read, so runs on the same input pair up.
 
     The first step to finish sets `nbpipeline/source_version` unless the launch set it; a step
@@ -339,7 +333,7 @@ def execute_notebook_step(
         # Dagster's retry event carries the full error; this line says why, in one line, in the
         # run's log and `nbpipeline run`'s progress.
         attempt = context.retry_number + 1
-        left = RETRY_POLICY.max_retries - context.retry_number
+        left = STEP_RETRY_POLICY.max_retries - context.retry_number
         text = redact(str(exc)).strip()
         detail = text.splitlines()[0] if text else type(exc).__name__
         context.log.warning(
@@ -399,7 +393,7 @@ def _notebook_assets(notebook: str) -> dg.AssetsDefinition:
         description=f"Runs notebooks/{notebook}.py and MERGEs {', '.join(notebook_tables(notebook))}.",
         check_specs=check_specs(notebook),
         pool=pool_name(notebook),
-        retry_policy=RETRY_POLICY,
+        retry_policy=STEP_RETRY_POLICY,
     )(_step)
 
 
@@ -425,7 +419,7 @@ ORDERS_DESCRIPTION = (
 def _observe_orders(
     context: dg.AssetExecutionContext, notebook_backend: NotebookBackend
 ) -> Iterator[dg.ObserveResult]:
-    from nbpipeline.source import configured_source_table, observe_with_backend
+    from nbpipeline.defs.source import configured_source_table, observe_with_backend
 
     try:
         state = observe_with_backend(notebook_backend, configured_source_table())

@@ -545,7 +545,7 @@ def get_spark(
         if refused is not None:
             raise refused from None
         raise EngineError(
-            f"cannot connect to the Spark engine at {redact(url)}: {grpc_summary(exc)[:300]}",
+            f"cannot connect to the Spark engine at {redact(url)}: {reachability.grpc_summary(exc)[:300]}",
             hint="check NBPIPELINE_SPARK_REMOTE, or unset it to use the local engine"
             if remote or os.environ.get("NBPIPELINE_SPARK_REMOTE")
             else "run `nbpipeline engine status`; its log says why the engine does not answer",
@@ -609,7 +609,7 @@ def classic_session(
 
 # pyspark's default retries a lost server for ten minutes; a local engine that went away should
 # be reported within seconds. ~30 s of retries still rides out a busy server.
-RETRY_POLICY = {
+CONNECT_RETRY_POLICY = {
     "max_retries": 8,
     "backoff_multiplier": 2.0,
     "initial_backoff": 200,
@@ -630,7 +630,7 @@ def _bound_retries(session: SparkSession, engine_pid: int | None = None) -> None
             return super().can_retry(e)
 
     with contextlib.suppress(AttributeError):  # a classic session has no gRPC client
-        session.client.set_retry_policies([_EnginePolicy(**RETRY_POLICY)])
+        session.client.set_retry_policies([_EnginePolicy(**CONNECT_RETRY_POLICY)])
 
 
 def local_engine_pid(remote: str | None = None) -> int | None:
@@ -645,25 +645,13 @@ def engine_alive(pid: int) -> bool:
     return _pid_alive(pid)
 
 
-def grpc_summary(error: BaseException) -> str:
-    """`UNAVAILABLE: failed to connect ...` from a gRPC error's text, whose first line only
-    says `<_MultiThreadedRendezvous of RPC that terminated with:`; else the first line."""
-    text = str(error)
-    status = re.search(r"status = StatusCode\.(\w+)", text)
-    details = re.search(r'details = "([^"]*)"', text)
-    if status:
-        return status.group(1) + (f": {details.group(1)}" if details else "")
-    lines = text.strip().splitlines()
-    return lines[0] if lines else type(error).__name__
-
-
 def went_away(pid: int, what: str, error: BaseException) -> EngineGoneError:
     """The error for a local engine that died under a running notebook: says so in one line,
     with the client's own first line (e.g. gRPC UNAVAILABLE) as the detail."""
     config = EngineConfig.from_env()
     return EngineGoneError(
         f"{what}: the local engine went away (process {pid} ended; client saw: "
-        f"{grpc_summary(error)[:200]})",
+        f"{reachability.grpc_summary(error)[:200]})",
         hint=(
             "the next run starts it again, or run `nbpipeline engine start`; "
             f"its log is {config.state_dir / 'server.log'}"

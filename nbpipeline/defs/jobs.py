@@ -15,13 +15,11 @@ from typing import Any
 
 import dagster as dg
 
-from nbpipeline.assets import MODE_TAG, OUTPUT_ASSET_KEYS
-from nbpipeline.backends.base import NOTEBOOK_NAMES
+from nbpipeline.backend import NOTEBOOK_NAMES
+from nbpipeline.defs.assets import OUTPUT_ASSET_KEYS
+from nbpipeline.defs.tags import MODE_TAG, PARALLEL_JOB, SEQUENTIAL_JOB
 from nbpipeline.settings import positive_int_env
 
-SEQUENTIAL_JOB = "sequential_notebooks"
-PARALLEL_JOB = "parallel_notebooks"
-MODES: dict[str, str] = {"sequential": SEQUENTIAL_JOB, "parallel": PARALLEL_JOB}
 MAX_CONCURRENT_ENV = "NBPIPELINE_MAX_CONCURRENT"
 DEFAULT_MAX_CONCURRENT = len(NOTEBOOK_NAMES)
 # Step processes are forked from a server that has imported the definitions and the Spark

@@ -9,7 +9,7 @@ Modes:
   the stock way to use PySpark from Dagster (a reference, not a product mode).
 - `reference`: the floor, the least work this engine can do for this data: the five outputs
   computed in one session from one cached, cleaned snapshot and written with plain overwrites
-  (`nbpipeline.reference`), into a folder of its own. Every mode's ratio to it is reported.
+  (`nbpipeline.perf.reference`), into a folder of its own. Every mode's ratio to it is reported.
 
 Every mode reads the same Delta path source (a classic in-process JVM cannot open the engine's
 metastore) and MERGEs into the same outputs beside it. A warm-up run (not measured) writes the
@@ -53,10 +53,12 @@ from typing import Any
 import dagster as dg
 import psutil
 
-from nbpipeline import engine, settings
+from nbpipeline import settings
+from nbpipeline.defs.tags import BENCH_TAG, SOURCE_VERSION_TAG
 from nbpipeline.errors import ConfigError, NbPipelineError
+from nbpipeline.local import engine
 
-MODES = (
+BENCH_MODES = (
     "dagster-sequential",
     "dagster-parallel",
     "notebook-sequential",
@@ -65,7 +67,6 @@ MODES = (
     "reference",
 )
 REFERENCE = "reference"
-BENCH_TAG = "nbpipeline/bench"
 
 # (numerator, denominator, comparison, target): the performance targets.
 TARGETS = (
@@ -96,10 +97,11 @@ NOTEBOOK_STEPS = ["Notebook1", "Notebook2", "Notebook3", "Notebook4"]
 def per_process_parallel_job() -> dg.JobDefinition:
     """The parallel job with `PerProcessSparkBackend` bound instead of the shared engine: same
     assets, checks and executor; only the resource differs."""
-    from nbpipeline.assets import ALL_ASSETS
-    from nbpipeline.backends.classic import PerProcessSparkBackend
-    from nbpipeline.jobs import PARALLEL_JOB, build_jobs
-    from nbpipeline.resources import NOTEBOOK_BACKEND_KEY
+    from nbpipeline.defs.assets import ALL_ASSETS
+    from nbpipeline.defs.jobs import build_jobs
+    from nbpipeline.defs.resources import NOTEBOOK_BACKEND_KEY
+    from nbpipeline.defs.tags import PARALLEL_JOB
+    from nbpipeline.local.classic import PerProcessSparkBackend
 
     swapped = dg.Definitions(
         assets=ALL_ASSETS,
@@ -299,8 +301,8 @@ class EngineMetrics:
 
 def _source_for_bench(spark: Any, rows: int, seed: int, progress: Callable[[str], None]) -> dict:
     """Seed the bench source once per (rows, seed); reuse it while it is unchanged."""
-    from nbpipeline import seed as seeding
     from nbpipeline.identifiers import parse_table
+    from nbpipeline.local import seed as seeding
     from nbpipeline.tables import table_info
 
     folder = settings.home() / "bench"
@@ -327,7 +329,7 @@ def _run_dagster(
     tags: dict,
     op_selection: list[str] | None,
 ) -> str:
-    from nbpipeline.cli_pipeline import build_run_config, run_job_fn
+    from nbpipeline.runs import build_run_config, run_job_fn
 
     run_config = build_run_config(mode, source=source)
     result = run_job_fn(
@@ -348,8 +350,8 @@ def breakdown(instance: dg.DagsterInstance, run_id: str) -> dict[str, float]:
     - `idle_s`: wall time during which no step was running (launch and tail included);
     - `wall_s`: the run's start to its end, as `nbpipeline compare` counts it.
     """
-    from nbpipeline.comparison import run_timing
-    from nbpipeline.metadata import metadata_value
+    from nbpipeline.defs.metadata import metadata_value
+    from nbpipeline.perf.comparison import run_timing
 
     timing = run_timing(instance, run_id)
     notebook_s: dict[str, float] = {}
@@ -371,7 +373,7 @@ def breakdown(instance: dg.DagsterInstance, run_id: str) -> dict[str, float]:
 
 
 def _run_reference(source: str) -> None:
-    from nbpipeline import reference
+    from nbpipeline.perf import reference
 
     folder = settings.home() / "bench" / "reference"
     folder.mkdir(parents=True, exist_ok=True)
@@ -379,7 +381,7 @@ def _run_reference(source: str) -> None:
 
 
 def _run_orchestration(notebook: str, source: str) -> None:
-    from nbpipeline.runtime import run_notebook
+    from nbpipeline.local.runtime import run_notebook
 
     spark = engine.get_spark()
     # The orchestration notebooks print their timings; keep stdout for the bench's own result.
@@ -392,7 +394,7 @@ def bench(
     rows: int,
     repeat: int,
     seed: int = 42,
-    modes: tuple[str, ...] = MODES,
+    modes: tuple[str, ...] = BENCH_MODES,
     with_checks: bool = False,
     progress: Callable[[str], None] = lambda _m: None,
 ) -> dict[str, Any]:
@@ -403,9 +405,11 @@ def bench(
 
     if rows < 1 or repeat < 1:
         raise ConfigError("bench needs --rows >= 1 and --repeat >= 1")
-    unknown = sorted(set(modes) - set(MODES))
+    unknown = sorted(set(modes) - set(BENCH_MODES))
     if unknown:
-        raise ConfigError(f"unknown bench mode(s) {', '.join(unknown)}; modes: {', '.join(MODES)}")
+        raise ConfigError(
+            f"unknown bench mode(s) {', '.join(unknown)}; modes: {', '.join(BENCH_MODES)}"
+        )
     from nbpipeline.instance import get_instance
 
     instance = get_instance(progress)
@@ -413,7 +417,7 @@ def bench(
     source = _source_for_bench(spark, rows, seed, progress)
     table = source["table"]
     engine_pid = engine.status().get("pid")
-    tags = {BENCH_TAG: "1", "nbpipeline/source_version": str(source["version"])}
+    tags = {BENCH_TAG: "1", SOURCE_VERSION_TAG: str(source["version"])}
     steps = None if with_checks else NOTEBOOK_STEPS
     runners: dict[str, Callable[[], str | None]] = {
         "dagster-sequential": lambda: _run_dagster(

@@ -17,7 +17,7 @@ from typing import Any
 
 import dagster as dg
 
-from nbpipeline.metadata import metadata_value
+from nbpipeline.defs.metadata import metadata_value
 from nbpipeline.tables import OUTPUT_TABLES
 
 UNIQUE_KEYS = "unique_keys"

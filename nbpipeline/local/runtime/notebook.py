@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from nbpipeline.errors import ConfigError, NotebookError
-from nbpipeline.runtime.dbutils import DBUtils, NotebookExit, display, displayHTML
+from nbpipeline.local.runtime.dbutils import DBUtils, NotebookExit, display, displayHTML
 
 HEADER = "# Databricks notebook source"
 SEPARATOR = "# COMMAND ----------"
@@ -253,7 +253,7 @@ def run_notebook(
                 f"it declares: {', '.join(sorted(known)) or 'none'}"
             )
     if timeout_seconds:
-        from nbpipeline.runtime.dbutils import run_with_timeout
+        from nbpipeline.local.runtime.dbutils import run_with_timeout
 
         return run_with_timeout(
             lambda: _execute(path, cells, params, spark), spark, timeout_seconds, str(path)
@@ -287,7 +287,12 @@ def _active_session(spark: Any) -> Iterator[None]:
 
 
 def _execute_cells(path: Path, cells: list[Cell], params: dict[str, str], spark: Any) -> str | None:
-    dbutils = DBUtils(params, notebook_path=path, spark=spark)
+    def run_child(ref: str, args: dict[str, str], timeout: float | None) -> str | None:
+        # Databricks ignores arguments a child does not declare; so do we.
+        target = _resolve_notebook(path, ref)
+        return run_notebook(target, args, spark=spark, timeout_seconds=timeout, strict=False)
+
+    dbutils = DBUtils(params, run_child=run_child)
     namespace: dict[str, Any] = {
         "__name__": "__main__",
         "spark": spark,
