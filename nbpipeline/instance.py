@@ -59,7 +59,7 @@ def ensure_dagster_home(progress: Callable[[str], None] | None = None) -> Path:
 def pool_names() -> list[str]:
     """Every concurrency pool the definitions use (one per table writer)."""
     from nbpipeline.backend import NOTEBOOK_NAMES
-    from nbpipeline.defs.assets import pool_name
+    from nbpipeline.tables import pool_name
 
     return [pool_name(nb) for nb in NOTEBOOK_NAMES]
 

@@ -38,7 +38,7 @@ from nbpipeline.errors import (
 )
 from nbpipeline.local.runtime import declared_widgets
 from nbpipeline.redact import redact, scrub
-from nbpipeline.tables import OUTPUT_KEYS, OUTPUT_TABLES
+from nbpipeline.tables import OUTPUT_KEYS, OUTPUT_TABLES, OUTPUTS, notebook_tables, pool_name
 from nbpipeline.widgets import (
     WIDGET_DESCRIPTIONS,
     format_timestamp,
@@ -56,40 +56,6 @@ DEFAULT_TIMEOUT_SECONDS = 3600
 STEP_RETRY_POLICY = dg.RetryPolicy(
     max_retries=3, delay=2.0, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
 )
-
-TABLE_DESCRIPTIONS: dict[str, str] = {
-    "daily_sales": (
-        "One row per (order_date, region) with counted orders: orders, returned orders, and "
-        "units / gross / net revenue of revenue-bearing orders. Written by Notebook1."
-    ),
-    "customer_summary": (
-        "One row per customer with counted orders: order count, first / last order, lifetime "
-        "value and favourite category. Written by Notebook2."
-    ),
-    "product_performance": (
-        "One row per product with counted orders: category, orders, units sold, net revenue and "
-        "return rate. Written by Notebook3."
-    ),
-    "order_facts": (
-        "One row per valid, deduplicated order (all statuses) with its derived amounts. Written "
-        "by Notebook4."
-    ),
-    "high_value_orders": (
-        "Revenue-bearing orders whose net amount is at least high_value_threshold. Written by "
-        "Notebook4."
-    ),
-}
-
-
-def pool_name(notebook: str) -> str:
-    """The concurrency pool of a notebook step. Each table is written by exactly one notebook,
-    so one pool per notebook (limit 1) means no two runs MERGE the same table at once."""
-    return f"nbpipeline/{notebook}"
-
-
-def notebook_tables(notebook: str) -> list[str]:
-    """The output tables a notebook writes, in the contract's order."""
-    return [name for name, nb in OUTPUT_TABLES.items() if nb == notebook]
 
 
 @functools.cache
@@ -369,7 +335,7 @@ def _notebook_assets(notebook: str) -> dg.AssetsDefinition:
         dg.AssetSpec(
             key=name,
             deps=[ORDERS_KEY],
-            description=TABLE_DESCRIPTIONS[name],
+            description=OUTPUTS[name].description,
             kinds=KINDS,
             group_name=GROUP,
             metadata={"notebook": notebook, "key_columns": ", ".join(OUTPUT_KEYS[name])},

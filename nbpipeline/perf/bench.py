@@ -54,6 +54,7 @@ import dagster as dg
 import psutil
 
 from nbpipeline import settings
+from nbpipeline.backend import NOTEBOOK_NAMES
 from nbpipeline.defs.tags import BENCH_TAG, SOURCE_VERSION_TAG
 from nbpipeline.errors import ConfigError, NbPipelineError
 from nbpipeline.local import engine
@@ -91,7 +92,6 @@ ROLES = (
 )
 PARALLEL_MEMORY_TARGET_MB = 3 * 1024
 #: The Dagster modes run these steps of the jobs (the notebooks, not the check steps).
-NOTEBOOK_STEPS = ["Notebook1", "Notebook2", "Notebook3", "Notebook4"]
 
 
 def per_process_parallel_job() -> dg.JobDefinition:
@@ -418,7 +418,7 @@ def bench(
     table = source["table"]
     engine_pid = engine.status().get("pid")
     tags = {BENCH_TAG: "1", SOURCE_VERSION_TAG: str(source["version"])}
-    steps = None if with_checks else NOTEBOOK_STEPS
+    steps = None if with_checks else list(NOTEBOOK_NAMES)
     runners: dict[str, Callable[[], str | None]] = {
         "dagster-sequential": lambda: _run_dagster(
             definitions.sequential_notebooks_job, "sequential", table, tags, steps
