@@ -89,7 +89,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     # One reachability check per run, before a run is created or a source seeded: a wrong
     # address or credential is reported in seconds, and the steps do not each wait it out.
-    reachability.check_backend(definitions.defs.resources[NOTEBOOK_BACKEND_KEY])
+    reachability.check_backend((definitions.defs.resources or {})[NOTEBOOK_BACKEND_KEY])
     seed_default_source_if_missing(run_config)
     if not args.dagster_log:
         # The progress lines below say what happened; Dagster's console logger would repeat

@@ -16,7 +16,7 @@ import datetime as dt
 import functools
 import warnings
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 import pydantic
@@ -81,7 +81,9 @@ class NotebookConfig(dg.Config):
     """
 
     # `timeout_seconds: int` is declared per notebook, after the widgets, so the launchpad
-    # lists the widgets first.
+    # lists the widgets first; this declaration is for the type checker only.
+    if TYPE_CHECKING:
+        timeout_seconds: int
 
     def widget_values(self) -> dict[str, str]:
         """The widget parameters to pass to the notebook (every field but the timeout)."""
@@ -105,7 +107,7 @@ def _config_class(notebook: str) -> type[NotebookConfig]:
             description="Seconds before the notebook run is cancelled and the step fails.",
         ),
     )
-    return pydantic.create_model(  # type: ignore[call-overload]
+    return pydantic.create_model(
         f"{notebook}Config",
         __base__=NotebookConfig,
         __doc__=f"Widget values for {notebook} and its timeout.",

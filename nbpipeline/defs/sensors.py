@@ -42,7 +42,7 @@ def run_key(table: str, version: int | str) -> str:
 
 def _run_source(run: dg.DagsterRun) -> str:
     """The source table a notebook run reads (its run config, else the notebooks' default)."""
-    ops = (run.run_config or {}).get("ops", {})
+    ops: Any = (run.run_config or {}).get("ops", {})
     for notebook in NOTEBOOK_NAMES:
         table = ops.get(notebook, {}).get("config", {}).get("source_table")
         if table:

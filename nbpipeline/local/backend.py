@@ -109,7 +109,7 @@ class LocalNotebookBackend(NotebookBackend):
         # What the step cost in CPU: the engine's (while the step ran; in a run whose steps
         # overlap it includes the others' work) and this process's (the notebook's Python).
         after = _cpu_seconds(pid)
-        if engine_cpu is not None and after is not None:
+        if pid is not None and engine_cpu is not None and after is not None:
             run.extra[ENGINE_CPU_KEY] = round(after - engine_cpu, 3)
             run.extra[ENGINE_CORES_KEY] = _engine_cores(pid)
         run.extra[CLIENT_CPU_KEY] = round(time.process_time() - client_cpu, 3)

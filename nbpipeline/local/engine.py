@@ -31,7 +31,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import pyspark
@@ -331,7 +331,7 @@ def status(config: EngineConfig | None = None) -> dict:
     config = config or EngineConfig.from_env()
     state = _read_state(config) or {}
     pid = state.get("pid")
-    running = bool(pid) and _pid_alive(pid) and _port_open(config.host, state.get("port", 0))
+    running = pid is not None and _pid_alive(pid) and _port_open(config.host, state.get("port", 0))
     return {
         "running": running,
         "pid": pid if running else None,
@@ -521,7 +521,7 @@ def get_spark(
         if _session_alive(cached):
             return cached
         # A session other processes share is left to them: close only this client.
-        cached.release_session_on_close = not session_id
+        cached.release_session_on_close = not session_id  # type: ignore[attr-defined]
         with contextlib.suppress(Exception):
             cached.stop()
         _sessions.pop(url, None)
@@ -609,7 +609,7 @@ def classic_session(
 
 # pyspark's default retries a lost server for ten minutes; a local engine that went away should
 # be reported within seconds. ~30 s of retries still rides out a busy server.
-CONNECT_RETRY_POLICY = {
+CONNECT_RETRY_POLICY: dict[str, Any] = {
     "max_retries": 8,
     "backoff_multiplier": 2.0,
     "initial_backoff": 200,

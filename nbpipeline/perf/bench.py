@@ -448,7 +448,7 @@ def bench(
     runners["notebook-sequential"]()
     progress(f"Warm-up took {time.perf_counter() - started:.1f}s")
 
-    runs: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
     total = repeat * len(modes)
     done = 0
     for round_no in range(repeat):
@@ -487,7 +487,7 @@ def bench(
                 + (f", engine {busy:.2f} cores busy" if busy is not None else "")
             )
 
-    summary = {
+    summary: dict[str, dict[str, Any]] = {
         mode: {
             "median_s": round(statistics.median(r["wall_s"] for r in rs), 3),
             "min_s": round(min(r["wall_s"] for r in rs), 3),
@@ -596,7 +596,7 @@ def format_table(result: dict[str, Any]) -> str:
         m: f["breakdown_median"] for m, f in result["modes"].items() if "breakdown_median" in f
     }
     if parts:
-        keys = ("wall_s", "launch_s", "notebooks_s", "step_overhead_s", "idle_s")
+        keys = ["wall_s", "launch_s", "notebooks_s", "step_overhead_s", "idle_s"]
         lines += ["", "where the time goes (Dagster runs, medians, seconds):"]
         lines.append(f"{'mode':<20} " + " ".join(f"{k:>16}" for k in keys))
         for mode, b in parts.items():

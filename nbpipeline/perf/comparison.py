@@ -77,7 +77,9 @@ class RunTiming:
     def busy_s(self) -> float:
         """Length of the union of the step intervals."""
         spans = sorted((s.start_offset_s, s.start_offset_s + s.duration_s) for s in self.steps)
-        total, cur_start, cur_end = 0.0, None, None
+        total = 0.0
+        cur_start: float = 0.0
+        cur_end: float | None = None
         for start, end in spans:
             if cur_end is None or start > cur_end:
                 if cur_end is not None:

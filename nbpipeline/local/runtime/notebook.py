@@ -66,7 +66,7 @@ def parse_notebook(path: str | Path) -> list[Cell]:
             f"not a Databricks source notebook (first line must be '{HEADER}')", notebook=str(path)
         )
     cells: list[Cell] = []
-    start, chunk = 2, []
+    start, chunk = 2, list[str]()
     for number, line in enumerate(lines[1:], start=2):
         if line.strip() == SEPARATOR:
             cells.append(_make_cell(path, len(cells) + 1, start, chunk))
@@ -170,9 +170,10 @@ def declared_widgets(path: str | Path) -> dict[str, str]:
                 and isinstance(owner, ast.Attribute)
                 and owner.attr == "widgets"
                 and len(node.args) >= 2
-                and all(isinstance(a, ast.Constant) for a in node.args[:2])
+                and isinstance(name := node.args[0], ast.Constant)
+                and isinstance(default := node.args[1], ast.Constant)
             ):
-                widgets[str(node.args[0].value)] = str(node.args[1].value)
+                widgets[str(name.value)] = str(default.value)
     return widgets
 
 
