@@ -23,11 +23,8 @@ from nbpipeline.settings import positive_int_env
 MAX_CONCURRENT_ENV = "NBPIPELINE_MAX_CONCURRENT"
 DEFAULT_MAX_CONCURRENT = len(NOTEBOOK_NAMES)
 # Step processes are forked from a server that has imported the definitions and the Spark
-# Connect client once, instead of each spawned process importing Dagster, nbpipeline, pandas,
-# pyarrow and gRPC again. Measured on a busy 2-core machine: 7-9.5 s from launch to step start
-# per step with spawn, 1.5-3.5 s forked (plus ~5 s once for the server), and ~1 s instead of
-# ~4 s of set-up inside each notebook step. Forking is safe here: the server only imports
-# modules and never opens a gRPC channel.
+# Connect client once, instead of each spawned process importing them again (see
+# docs/design-notes-A.md); safe, since the server only imports modules and opens no gRPC channel.
 FORKSERVER_PRELOAD = ["nbpipeline.definitions", "pyspark.sql.connect.session"]
 
 #: The five outputs; selecting them selects their asset checks too.

@@ -194,9 +194,7 @@ def resolve_jars(progress: Progress | None = None) -> list[Path]:
 
 
 #: The engine JVM's heap. Spark spills what does not fit, so the heap sets speed, not size
-#: limits. Measured at 2M rows (the four notebooks one after another, then from four threads, on
-#: this 2-core machine): 1g ran 88 s / 77 s with the JVM at 1.85 GB PSS; 2g ran 84 s / 70 s at
-#: 2.8 GB. 1g keeps a laptop's engine small; raise it for tens of millions of rows.
+#: limits; 1g keeps a laptop's engine small (raise it for tens of millions of rows).
 DEFAULT_MEMORY = "1g"
 
 
@@ -273,8 +271,7 @@ class EngineConfig:
             "spark.databricks.delta.snapshotPartitions": "4",
             # MERGE reads its source twice (find the touched files, then write); materializing
             # it once (on disk, Delta's default storage level for this) saves recomputing the
-            # deduplicating window. Measured at 2M rows, the four notebooks one after another on
-            # a quiet engine: 95 s with "none", 62 s with "all".
+            # deduplicating window.
             "spark.databricks.delta.merge.materializeSource": "all",
             # INFO logging of every gRPC call costs measurable time on small jobs.
             "spark.log.level": "WARN",

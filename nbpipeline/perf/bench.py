@@ -116,8 +116,8 @@ class MemorySampler(threading.Thread):
     and the CPU seconds the tree used meanwhile (`cpu_s`, and `engine_cpu_s` of the first extra
     pid's tree, the engine JVM), which tells whether the engine had idle cores to offer."""
 
-    # Reading every process's PSS (/proc/PID/smaps_rollup, costly for a JVM) every 0.1 s cost
-    # a tenth of a core, which a 2-core machine takes from the modes measured.
+    # Reading every process's PSS (/proc/PID/smaps_rollup) is costly for a JVM: a shorter
+    # interval takes CPU from the modes being measured.
     def __init__(self, extra_pids: list[int], interval_s: float = 0.5) -> None:
         super().__init__(daemon=True)
         self.extra_pids = extra_pids
@@ -206,9 +206,8 @@ class MemorySampler(threading.Thread):
                     entry[1] = used
                     info = proc.memory_full_info()  # PSS comes from /proc/PID/smaps_rollup
                     rss += info.rss
-                    # No PSS off Linux: count RSS. And never more than RSS: this machine's
-                    # kernel was seen reporting a JVM's PSS above its RSS (1424 vs 1189 MB),
-                    # which a proportional share of resident pages cannot be.
+                    # No PSS off Linux: count RSS. And never more than RSS, which a
+                    # proportional share of resident pages cannot exceed (kernels misreport it).
                     pss += min(getattr(info, "pss", info.rss), info.rss)
         self._first_sample = False
         return rss, pss
