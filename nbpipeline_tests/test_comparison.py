@@ -276,6 +276,7 @@ def test_parallel_orchestration_reports_a_failing_child_by_name(spark, tmp_path:
 
 @pytest.mark.slow
 def test_bench_tiny_runs_every_mode(spark, pair, capsys) -> None:
+    from nbpipeline.backend import NOTEBOOK_NAMES
     from nbpipeline.perf import bench
 
     instance = pair[0]
@@ -316,7 +317,7 @@ def test_bench_tiny_runs_every_mode(spark, pair, capsys) -> None:
             e.step_key
             for e in instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_START)
         }
-        assert started == set(bench.NOTEBOOK_STEPS), run.job_name
+        assert started == set(NOTEBOOK_NAMES), run.job_name
         if run.job_name == "parallel_notebooks":
             # A subset run gets no job defaults: the four steps must still run at once, forked.
             executor = run.run_config["execution"]["config"]

@@ -47,14 +47,14 @@ def test_not_a_folder(tmp_path: Path, monkeypatch) -> None:
 
 
 def test_artifact_names() -> None:
-    assert engine._artifact_name(Path("org.apache.parquet_parquet-column-1.16.0.jar")) == (
+    assert jars.artifact_name(Path("org.apache.parquet_parquet-column-1.16.0.jar")) == (
         "parquet-column"
     )
-    assert engine._artifact_name(Path("io.delta_delta-spark_4.2_2.13-4.4.0.jar")) == (
+    assert jars.artifact_name(Path("io.delta_delta-spark_4.2_2.13-4.4.0.jar")) == (
         "delta-spark_4.2_2.13"
     )
-    assert engine._artifact_name(Path("delta-storage-4.4.0.jar")) == "delta-storage"
-    assert engine._artifact_name(Path("hadoop-client-api-3.5.0.jar")) == "hadoop-client-api"
+    assert jars.artifact_name(Path("delta-storage-4.4.0.jar")) == "delta-storage"
+    assert jars.artifact_name(Path("hadoop-client-api-3.5.0.jar")) == "hadoop-client-api"
 
 
 def test_bad_port_and_remote(monkeypatch, tmp_path: Path) -> None:

@@ -35,7 +35,7 @@ def spark_home() -> Path:
     return Path(pyspark.__file__).resolve().parent
 
 
-def _artifact_name(jar: Path) -> str:
+def artifact_name(jar: Path) -> str:
     """`org.apache.parquet_parquet-column-1.16.0.jar` -> `parquet-column` (group and version cut)."""
     stem = jar.name.removesuffix(".jar")
     stem = stem.split("_", 1)[1] if "_" in stem and "." in stem.split("_", 1)[0] else stem
@@ -65,7 +65,7 @@ def _jars_from_dir(folder: Path, coordinate: str) -> list[Path]:
     missing = [
         name
         for name in (artifact, "delta-storage")
-        if not any(_artifact_name(j) == name for j in jars)
+        if not any(artifact_name(j) == name for j in jars)
     ]
     if missing:
         raise JarsError(
@@ -137,10 +137,10 @@ def resolve_jars(progress: Callable[[str], None] | None = None) -> list[Path]:
             f"could not download the Delta Lake JARs {coordinate} from Maven Central ({detail})",
             hint=_offline_hint(coordinate),
         )
-    bundled = {_artifact_name(j) for j in (spark_home() / "jars").glob("*.jar")}
+    bundled = {artifact_name(j) for j in (spark_home() / "jars").glob("*.jar")}
     # Spark ships newer Hadoop/Parquet/Jackson than Delta's POM asks for; keep Spark's copies.
-    wanted = [j for j in sorted((ivy / "jars").glob("*.jar")) if _artifact_name(j) not in bundled]
-    if not any(_artifact_name(j) == coordinate.split(":")[1] for j in wanted):
+    wanted = [j for j in sorted((ivy / "jars").glob("*.jar")) if artifact_name(j) not in bundled]
+    if not any(artifact_name(j) == coordinate.split(":")[1] for j in wanted):
         raise JarsError(
             f"Spark's resolver finished but {coordinate} is not in {ivy / 'jars'}",
             hint=_offline_hint(coordinate),
