@@ -1,7 +1,8 @@
 """The one abstract resource for running a notebook, and what a run returns.
 
 Assets depend on `NotebookBackend` only; which implementation is bound (local or Databricks) is
-decided in one place (`nbpipeline.defs.resources`), so the asset graph never changes with the backend.
+decided in one place (`nbpipeline.defs.resources`), so the asset graph never changes with the
+backend.
 """
 
 from __future__ import annotations

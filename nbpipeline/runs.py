@@ -272,7 +272,7 @@ def run_job_fn(
     out: Callable[[str], None] = progress,
     op_selection: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Like `run_pipeline_job`, for any module-level function returning a job (it must be importable,
+    """Like `run_pipeline_job`, for any module-level function returning a job (importable,
     since `dg.reconstructable` rebuilds the job in step processes). `op_selection` runs only
     those steps of the job."""
     import dagster as dg

@@ -1,4 +1,4 @@
-"""`python -m nbpipeline.cli.loadtest`: the load test from the shell (see nbpipeline.perf.loadtest)."""
+"""`python -m nbpipeline.cli.loadtest`: the load test from the shell (nbpipeline.perf.loadtest)."""
 
 from __future__ import annotations
 

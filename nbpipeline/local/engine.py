@@ -407,7 +407,8 @@ def get_spark(
         if refused is not None:
             raise refused from None
         raise EngineError(
-            f"cannot connect to the Spark engine at {redact(url)}: {reachability.grpc_summary(exc)[:300]}",
+            f"cannot connect to the Spark engine at {redact(url)}: "
+            f"{reachability.grpc_summary(exc)[:300]}",
             hint="check NBPIPELINE_SPARK_REMOTE, or unset it to use the local engine"
             if remote or os.environ.get("NBPIPELINE_SPARK_REMOTE")
             else "run `nbpipeline engine status`; its log says why the engine does not answer",
