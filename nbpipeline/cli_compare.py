@@ -52,8 +52,9 @@ def add_subcommands(subparsers: Any) -> None:
 
 
 def _databricks_pair(*run_ids: int):
-    from nbpipeline import comparison, databricks_jobs
+    from nbpipeline import databricks_jobs
     from nbpipeline.cli_databricks import _client
+    from nbpipeline.perf import comparison
 
     if len(run_ids) > 2:
         raise ConfigError("--databricks-runs takes one comparison run id or two run ids")
@@ -64,7 +65,7 @@ def _databricks_pair(*run_ids: int):
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from nbpipeline import comparison
+    from nbpipeline.perf import comparison
 
     if args.runs and args.databricks_runs:
         raise ConfigError("give --runs or --databricks-runs, not both")
@@ -84,9 +85,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from nbpipeline import bench
+    from nbpipeline.perf import bench
 
-    modes = tuple(m.strip() for m in args.modes.split(",")) if args.modes else bench.MODES
+    modes = tuple(m.strip() for m in args.modes.split(",")) if args.modes else bench.BENCH_MODES
     result = bench.bench(
         rows=args.rows,
         repeat=args.repeat,

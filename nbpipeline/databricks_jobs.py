@@ -33,7 +33,7 @@ from databricks.sdk import WorkspaceClient
 from databricks.sdk.service import jobs
 
 from nbpipeline import settings as nb_settings
-from nbpipeline.backends.base import NOTEBOOK_NAMES
+from nbpipeline.backend import NOTEBOOK_NAMES
 from nbpipeline.backends.databricks import (
     API_ERRORS,
     HOST_ENV,
@@ -58,7 +58,7 @@ from nbpipeline.backends.databricks import (
     workspace_notebooks,
 )
 from nbpipeline.errors import ConfigError, NbPipelineError, NotebookError, NotebookTimeout
-from nbpipeline.runtime import declared_widgets
+from nbpipeline.local.runtime import declared_widgets
 from nbpipeline.settings import DEFAULT_SOURCE_TABLE
 
 _LOG = logging.getLogger("nbpipeline.databricks_jobs")

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dagster as dg
 
-from nbpipeline.assets import ALL_ASSETS
-from nbpipeline.comparison_assets import build_sensor, runtime_comparison, runtime_comparison_job
-from nbpipeline.demo import demo_source
-from nbpipeline.jobs import PARALLEL_JOB, SEQUENTIAL_JOB, build_jobs
-from nbpipeline.resources import resource_defs
-from nbpipeline.schedules import build_schedules
-from nbpipeline.sensors import source_version_sensor
+from nbpipeline.defs.assets import ALL_ASSETS
+from nbpipeline.defs.comparison import build_sensor, runtime_comparison, runtime_comparison_job
+from nbpipeline.defs.demo import demo_source
+from nbpipeline.defs.jobs import build_jobs
+from nbpipeline.defs.resources import resource_defs
+from nbpipeline.defs.schedules import build_schedules
+from nbpipeline.defs.sensors import source_version_sensor
+from nbpipeline.defs.tags import PARALLEL_JOB, SEQUENTIAL_JOB
 
 _jobs = build_jobs()
 

@@ -58,8 +58,8 @@ def ensure_dagster_home(progress: Callable[[str], None] | None = None) -> Path:
 
 def pool_names() -> list[str]:
     """Every concurrency pool the definitions use (one per table writer)."""
-    from nbpipeline.assets import pool_name
-    from nbpipeline.backends.base import NOTEBOOK_NAMES
+    from nbpipeline.backend import NOTEBOOK_NAMES
+    from nbpipeline.tables import pool_name
 
     return [pool_name(nb) for nb in NOTEBOOK_NAMES]
 
@@ -69,9 +69,8 @@ def ensure_pools(instance: dg.DagsterInstance) -> None:
 
     Dagster creates a pool's slots on the first claim. On SQLite storage, two runs doing that at
     the same moment can each insert a slot (count-then-insert in a deferred transaction), so a
-    pool of limit 1 briefly has 2 slots and two runs MERGE the same table at once; this was seen
-    with two `nbpipeline run` processes started together on a fresh instance. Initialising here,
-    under a file lock, leaves one slot per pool before anything runs. Idempotent, and it also
+    pool of limit 1 briefly has 2 slots and two runs MERGE the same table at once. Initialising
+    here, under a file lock, leaves one slot per pool before anything runs. Idempotent, and it also
     repairs a pool whose slot count drifted from the default limit. (The project's
     PoolSafeInstance already locks these calls; this lock still guards an instance whose
     dagster.yaml predates it.)

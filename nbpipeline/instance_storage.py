@@ -112,7 +112,7 @@ class PoolSafeSqliteStorage(DagsterSqliteStorage):
         self._event_log_storage = PoolSafeSqliteEventLogStorage(_event_logs_directory(base_dir))
 
     @classmethod
-    def from_config_value(cls, inst_data: Any, config_value: Any) -> PoolSafeSqliteStorage:  # type: ignore[override]
+    def from_config_value(cls, inst_data: Any, config_value: Any) -> PoolSafeSqliteStorage:
         return cls.from_local(inst_data=inst_data, **config_value)
 
 

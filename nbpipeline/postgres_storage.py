@@ -80,7 +80,7 @@ class PoolSafePostgresEventLogStorage(PostgresEventLogStorage):
         self.pool_lock = AdvisoryLock(lambda: self._engine)
 
     @classmethod
-    def from_config_value(  # type: ignore[override]
+    def from_config_value(
         cls, inst_data: Any, config_value: Mapping[str, Any]
     ) -> PoolSafePostgresEventLogStorage:
         return cls(
@@ -108,4 +108,4 @@ def _initialize_once(self: PoolSafePostgresEventLogStorage, concurrency_key: str
         return _locked_initialize(self, concurrency_key)
 
 
-PoolSafePostgresEventLogStorage.initialize_concurrency_limit_to_default = _initialize_once  # type: ignore[method-assign]
+PoolSafePostgresEventLogStorage.initialize_concurrency_limit_to_default = _initialize_once  # type: ignore[method-assign,assignment]

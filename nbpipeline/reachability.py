@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import socket
 import ssl
 import threading
@@ -286,11 +287,21 @@ def _check_spark_remote(url: str, setting: str) -> None:
         sock.close()
 
 
+def grpc_summary(error: BaseException) -> str:
+    """`UNAVAILABLE: failed to connect ...` from a gRPC error's text, whose first line only
+    says `<_MultiThreadedRendezvous of RPC that terminated with:`; else the first line."""
+    text = str(error)
+    status = re.search(r"status = StatusCode\.(\w+)", text)
+    details = re.search(r'details = "([^"]*)"', text)
+    if status:
+        return status.group(1) + (f": {details.group(1)}" if details else "")
+    lines = text.strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 def spark_connect_error(url: str, error: BaseException) -> UnreachableError | None:
     """An UnreachableError for a Spark Connect failure that no retry can fix (credentials
     refused), else None."""
-    from nbpipeline.engine import grpc_summary
-
     summary = grpc_summary(error)
     if summary.startswith(("UNAUTHENTICATED", "PERMISSION_DENIED")):
         setting = spark_setting(url)

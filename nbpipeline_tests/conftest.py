@@ -44,7 +44,7 @@ def nbpipeline_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def spark(nbpipeline_home: Path):
     """A Spark Connect session on a local engine started once for the test session."""
-    from nbpipeline import engine
+    from nbpipeline.local import engine
 
     session = engine.get_spark()
     yield session

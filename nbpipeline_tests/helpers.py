@@ -251,10 +251,10 @@ def overlapping_runs_scenario(
     Contention is made certain, not hoped for: in the first round Notebook1 (both jobs run it)
     holds at a gate until the other run's Notebook1 step has been blocked by the table's pool;
     the later rounds pass the open gate. Any instance storage works (SQLite, PostgreSQL)."""
-    from nbpipeline.assets import SOURCE_VERSION_TAG
+    from nbpipeline.defs.schedules import PARALLEL_CRON_ENV, SOURCE_TABLE_ENV, TIMEZONE_ENV
+    from nbpipeline.defs.tags import SOURCE_VERSION_TAG
     from nbpipeline.instance import WORKSPACE_YAML
-    from nbpipeline.schedules import PARALLEL_CRON_ENV, SOURCE_TABLE_ENV, TIMEZONE_ENV
-    from nbpipeline.seed import seed_orders
+    from nbpipeline.local.seed import seed_orders
     from nbpipeline.settings import PROJECT_ROOT
     from nbpipeline.tables import OUTPUT_TABLES
 

@@ -14,18 +14,13 @@ from typing import Any
 import dagster as dg
 import pytest
 
-from nbpipeline.assets import (
-    ALL_ASSETS,
-    OUTPUT_ASSET_KEYS,
-    SOURCE_VERSION_TAG,
-    is_transient,
-    op_config,
-)
-from nbpipeline.backends.base import NotebookBackend, NotebookRun
-from nbpipeline.backends.local import LocalNotebookBackend
-from nbpipeline.checks import VALID_ROW_SQL
+from nbpipeline.backend import NotebookBackend, NotebookResult
+from nbpipeline.defs.assets import ALL_ASSETS, OUTPUT_ASSET_KEYS, is_transient, op_config
+from nbpipeline.defs.checks import VALID_ROW_SQL
+from nbpipeline.defs.metadata import table_metadata
+from nbpipeline.defs.tags import SOURCE_VERSION_TAG
 from nbpipeline.errors import ConfigError, EngineError, NotebookError
-from nbpipeline.metadata import table_metadata
+from nbpipeline.local.backend import LocalNotebookBackend
 from nbpipeline.tables import OUTPUT_TABLES
 
 ROWS = 2000
@@ -75,7 +70,7 @@ class FakeBackend(NotebookBackend):
         *,
         timeout_seconds: int = 3600,
         log: logging.Logger | None = None,
-    ) -> NotebookRun:
+    ) -> NotebookResult:
         n = CALLS[notebook] = CALLS.get(notebook, 0) + 1
         if self.reason:
             raise NotebookError(self.reason, notebook=notebook, cell=3)
@@ -96,7 +91,7 @@ class FakeBackend(NotebookBackend):
             for name, nb in OUTPUT_TABLES.items()
             if nb == notebook
         ]
-        return NotebookRun(
+        return NotebookResult(
             notebook=notebook,
             location=f"/nb/{notebook}.py",
             backend="fake",
@@ -221,7 +216,7 @@ def materialized(spark):
     """Seed a dirty 2,000-row source in a fresh schema and materialize the five outputs once."""
     import uuid
 
-    from nbpipeline.seed import seed_orders
+    from nbpipeline.local.seed import seed_orders
 
     schema = f"t_assets_{uuid.uuid4().hex[:8]}"
     spark.sql(f"CREATE SCHEMA {schema}")

@@ -17,9 +17,9 @@ import dagster as dg
 import pytest
 
 from nbpipeline import cli
-from nbpipeline.assets import ALL_ASSETS, op_config
-from nbpipeline.cli_pipeline import run_job
+from nbpipeline.defs.assets import ALL_ASSETS, op_config
 from nbpipeline.errors import ConfigError
+from nbpipeline.runs import run_pipeline_job
 from nbpipeline_tests.test_assets import CALLS, FakeBackend
 
 
@@ -60,7 +60,7 @@ def test_timeout_of_wrong_type_is_refused_before_any_run(
     run_config = {"ops": op_config({"source_table": "s.orders"})}
     run_config["ops"]["Notebook1"]["config"]["timeout_seconds"] = "soon"
     with pytest.raises(ConfigError) as err:
-        run_job("sequential", run_config, out=lambda _m: None)
+        run_pipeline_job("sequential", run_config, out=lambda _m: None)
     assert str(err.value).startswith("invalid run config:")
     assert "\n" not in str(err.value)
     assert not instance.get_runs()

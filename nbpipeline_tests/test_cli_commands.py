@@ -14,9 +14,9 @@ import dagster as dg
 import pytest
 
 from nbpipeline import cli
-from nbpipeline.assets import ALL_ASSETS, op_config
-from nbpipeline.backends.base import NOTEBOOK_NAMES
-from nbpipeline.seed import seed_orders
+from nbpipeline.backend import NOTEBOOK_NAMES
+from nbpipeline.defs.assets import ALL_ASSETS, op_config
+from nbpipeline.local.seed import seed_orders
 from nbpipeline.tables import OUTPUT_TABLES
 from nbpipeline_tests import contract_oracle as oracle
 from nbpipeline_tests.conftest_databricks import (
@@ -119,7 +119,7 @@ def test_databricks_host_without_credentials_fails_each_step(
     """README: `NBPIPELINE_BACKEND=databricks` with a host but no credentials fails each step
     with `cannot authenticate to Databricks at HOST` and a hint; nothing reaches the workspace's
     jobs API."""
-    from nbpipeline.resources import build_backend
+    from nbpipeline.defs.resources import build_backend
 
     monkeypatch.delenv("DATABRICKS_TOKEN")
     monkeypatch.setenv("NBPIPELINE_BACKEND", "databricks")
@@ -170,7 +170,7 @@ def test_comparison_sensor_skips_while_no_pair_exists(instance: dg.DagsterInstan
     """The runtime_comparison sensor answers a notebook job's success with a SkipReason, not a
     run request, while the instance has no sequential and parallel run on one source version."""
     from nbpipeline import definitions
-    from nbpipeline.assets import MODE_TAG, SOURCE_VERSION_TAG
+    from nbpipeline.defs.tags import MODE_TAG, SOURCE_VERSION_TAG
 
     @dg.asset
     def stand_in() -> None:

@@ -17,9 +17,9 @@ import dagster as dg
 import pytest
 
 from nbpipeline import cli
-from nbpipeline.cli_pipeline import build_run_config
 from nbpipeline.errors import ConfigError
 from nbpipeline.instance import PROJECT_DAGSTER_YAML, default_dagster_home, ensure_dagster_home
+from nbpipeline.runs import build_run_config
 
 
 def test_unknown_param_exits_2_before_launching(tmp_path: Path) -> None:
@@ -106,7 +106,7 @@ def test_ui_runs_dagster_dev_on_the_same_instance(
 ) -> None:
     """`nbpipeline ui` starts `dagster dev` with the workspace and DAGSTER_HOME (not waited for:
     the command line is checked by intercepting the process start)."""
-    import nbpipeline.cli_pipeline as cp
+    import nbpipeline.cli.pipeline as cp
 
     started: dict = {}
 
@@ -119,7 +119,7 @@ def test_ui_runs_dagster_dev_on_the_same_instance(
 
     monkeypatch.setattr(cp.subprocess, "Popen", FakePopen)
     # The first-run seeding (it starts the engine) has tests of its own.
-    monkeypatch.setattr(cp, "_seed_default_source_if_missing", lambda run_config: None)
+    monkeypatch.setattr(cp, "seed_default_source_if_missing", lambda run_config: None)
     monkeypatch.setenv("NBPIPELINE_HOME", str(tmp_path))
     monkeypatch.setenv("DAGSTER_HOME", "placeholder")
     monkeypatch.delenv("DAGSTER_HOME")

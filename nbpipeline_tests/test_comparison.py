@@ -15,9 +15,9 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from nbpipeline import comparison
 from nbpipeline.cli import main
-from nbpipeline.runtime import run_notebook
+from nbpipeline.local.runtime import run_notebook
+from nbpipeline.perf import comparison
 from nbpipeline.settings import PROJECT_ROOT, notebooks_dir
 from nbpipeline.tables import OUTPUT_KEYS, OUTPUT_TABLES
 
@@ -30,8 +30,8 @@ def pair(spark, tmp_path_factory: pytest.TempPathFactory):
     import os
     import uuid
 
-    from nbpipeline.cli_pipeline import build_run_config, run_job
-    from nbpipeline.seed import seed_orders
+    from nbpipeline.local.seed import seed_orders
+    from nbpipeline.runs import build_run_config, run_pipeline_job
 
     home = tmp_path_factory.mktemp("dagster_home")
     shutil.copy(PROJECT_ROOT / "dagster.yaml", home / "dagster.yaml")  # pools, no telemetry
@@ -42,7 +42,7 @@ def pair(spark, tmp_path_factory: pytest.TempPathFactory):
     seeded = seed_orders(spark, source, rows=400, seed=11, dirty=True)
     ids = {}
     for mode in ("sequential", "parallel"):
-        result = run_job(mode, build_run_config(mode, source=source), out=lambda _m: None)
+        result = run_pipeline_job(mode, build_run_config(mode, source=source), out=lambda _m: None)
         assert result["success"], result["error"]
         ids[mode] = result["run_id"]
     instance = dg.DagsterInstance.get()
@@ -119,7 +119,7 @@ def _step_metadata(instance, run_id: str, key: str) -> dict[str, object]:
 
 
 def test_steps_of_a_run_share_one_spark_session(pair) -> None:
-    from nbpipeline.backends.local import run_session_id
+    from nbpipeline.local.backend import run_session_id
 
     instance, _source, _seeded, ids = pair
     sessions = {
@@ -247,7 +247,7 @@ def test_orchestration_notebooks_write_the_same_tables_as_the_jobs(spark, pair) 
 
 
 def test_reference_writes_what_the_notebooks_write(spark, pair, tmp_path: Path) -> None:
-    from nbpipeline import reference
+    from nbpipeline.perf import reference
 
     _instance, source, _seeded, _ids = pair
     schema = source.split(".")[0]
@@ -276,13 +276,14 @@ def test_parallel_orchestration_reports_a_failing_child_by_name(spark, tmp_path:
 
 @pytest.mark.slow
 def test_bench_tiny_runs_every_mode(spark, pair, capsys) -> None:
-    from nbpipeline import bench
+    from nbpipeline.backend import NOTEBOOK_NAMES
+    from nbpipeline.perf import bench
 
     instance = pair[0]
     before = {r.run_id for r in instance.get_runs()}
     assert main(["bench", "--rows", "300", "--repeat", "1", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert set(data["modes"]) == set(bench.MODES)
+    assert set(data["modes"]) == set(bench.BENCH_MODES)
     assert data["with_checks"] is False
     for figures in data["modes"].values():
         assert set(figures) >= {"median_s", "min_s", "max_s", "peak_rss_mb", "peak_pss_mb"}
@@ -316,7 +317,7 @@ def test_bench_tiny_runs_every_mode(spark, pair, capsys) -> None:
             e.step_key
             for e in instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_START)
         }
-        assert started == set(bench.NOTEBOOK_STEPS), run.job_name
+        assert started == set(NOTEBOOK_NAMES), run.job_name
         if run.job_name == "parallel_notebooks":
             # A subset run gets no job defaults: the four steps must still run at once, forked.
             executor = run.run_config["execution"]["config"]

@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 
-from nbpipeline import seed, settings
-from nbpipeline.runtime import run_notebook
+from nbpipeline import settings
+from nbpipeline.local import seed
+from nbpipeline.local.runtime import run_notebook
 from nbpipeline_tests import contract_oracle as oracle
 
 pytestmark = pytest.mark.spark

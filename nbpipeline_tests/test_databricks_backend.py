@@ -53,7 +53,7 @@ except ImportError:  # pragma: no cover - rootdir-relative import
         use_fake_client,
     )
 
-from nbpipeline.backends.base import NOTEBOOK_NAMES, NotebookBackend
+from nbpipeline.backend import NOTEBOOK_NAMES, NotebookBackend
 from nbpipeline.backends.databricks import (
     DatabricksNotebookBackend,
     PollPolicy,
@@ -954,7 +954,7 @@ def test_ui_resource_view_shows_the_databricks_client_resource(
 ) -> None:
     from dagster._core.remote_representation.external_data import ResourceConfigEnvVarSnap
 
-    from nbpipeline.resources import resource_defs
+    from nbpipeline.defs.resources import resource_defs
 
     monkeypatch.setenv("NBPIPELINE_BACKEND", "databricks")
     resources = resource_defs()

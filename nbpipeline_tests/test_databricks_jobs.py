@@ -28,7 +28,7 @@ except ImportError:  # pragma: no cover - rootdir-relative import
         loopback,  # noqa: F401 - fixture
     )
 
-from nbpipeline.backends.base import NOTEBOOK_NAMES
+from nbpipeline.backend import NOTEBOOK_NAMES
 from nbpipeline.backends.databricks import PollPolicy, make_workspace_client
 from nbpipeline.cli_databricks import add_subcommands
 from nbpipeline.databricks_jobs import (

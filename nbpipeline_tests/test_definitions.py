@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from nbpipeline import definitions
-from nbpipeline.resources import BACKEND_ENV, selected_backend
+from nbpipeline.defs.resources import BACKEND_ENV, selected_backend
 from nbpipeline.settings import PROJECT_ROOT
 
 OUTPUTS = {
@@ -158,8 +158,8 @@ def test_sensors_and_demo_job_snapshot() -> None:
 
 
 def test_resource_is_the_abstract_backend() -> None:
-    from nbpipeline.backends.base import NotebookBackend
-    from nbpipeline.backends.local import LocalNotebookBackend
+    from nbpipeline.backend import NotebookBackend
+    from nbpipeline.local.backend import LocalNotebookBackend
 
     resources = definitions.defs.resources or {}
     assert isinstance(resources["notebook_backend"], LocalNotebookBackend)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from nbpipeline import engine
 from nbpipeline.errors import EngineError, JarsError
+from nbpipeline.local import engine, jars
 
 
 def test_coordinate_matches_installed_pyspark_and_delta() -> None:
@@ -15,7 +15,7 @@ def test_coordinate_matches_installed_pyspark_and_delta() -> None:
 
     import pyspark
 
-    coord = engine.delta_coordinate()
+    coord = jars.delta_coordinate()
     minor = ".".join(pyspark.__version__.split(".")[:2])
     assert coord == f"io.delta:delta-spark_{minor}_2.13:{importlib.metadata.version('delta-spark')}"
 
@@ -24,37 +24,37 @@ def test_offline_jars_folder_missing_delta_is_a_clear_error(tmp_path: Path, monk
     (tmp_path / "unrelated-1.0.jar").write_bytes(b"")
     monkeypatch.setenv("NBPIPELINE_DELTA_JARS", str(tmp_path))
     with pytest.raises(JarsError) as err:
-        engine.resolve_jars()
+        jars.resolve_jars()
     message = str(err.value)
-    artifact = engine.delta_coordinate().split(":")[1]
+    artifact = jars.delta_coordinate().split(":")[1]
     assert f"lacks the Delta Lake JAR(s) {artifact}, delta-storage" in message
     assert "mvn dependency:copy" in message and "NBPIPELINE_DELTA_JARS" in message
 
 
 def test_offline_jars_folder_is_used_as_is(tmp_path: Path, monkeypatch) -> None:
-    version = engine.delta_coordinate().split(":")[2]
-    artifact = engine.delta_coordinate().split(":")[1]
+    version = jars.delta_coordinate().split(":")[2]
+    artifact = jars.delta_coordinate().split(":")[1]
     for name in (f"{artifact}-{version}.jar", f"delta-storage-{version}.jar"):
         (tmp_path / name).write_bytes(b"")
     monkeypatch.setenv("NBPIPELINE_DELTA_JARS", str(tmp_path))
-    assert [p.name for p in engine.resolve_jars()] == sorted(p.name for p in tmp_path.iterdir())
+    assert [p.name for p in jars.resolve_jars()] == sorted(p.name for p in tmp_path.iterdir())
 
 
 def test_not_a_folder(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("NBPIPELINE_DELTA_JARS", str(tmp_path / "nope"))
     with pytest.raises(JarsError, match="is not a folder"):
-        engine.resolve_jars()
+        jars.resolve_jars()
 
 
 def test_artifact_names() -> None:
-    assert engine._artifact_name(Path("org.apache.parquet_parquet-column-1.16.0.jar")) == (
+    assert jars.artifact_name(Path("org.apache.parquet_parquet-column-1.16.0.jar")) == (
         "parquet-column"
     )
-    assert engine._artifact_name(Path("io.delta_delta-spark_4.2_2.13-4.4.0.jar")) == (
+    assert jars.artifact_name(Path("io.delta_delta-spark_4.2_2.13-4.4.0.jar")) == (
         "delta-spark_4.2_2.13"
     )
-    assert engine._artifact_name(Path("delta-storage-4.4.0.jar")) == "delta-storage"
-    assert engine._artifact_name(Path("hadoop-client-api-3.5.0.jar")) == "hadoop-client-api"
+    assert jars.artifact_name(Path("delta-storage-4.4.0.jar")) == "delta-storage"
+    assert jars.artifact_name(Path("hadoop-client-api-3.5.0.jar")) == "hadoop-client-api"
 
 
 def test_bad_port_and_remote(monkeypatch, tmp_path: Path) -> None:

@@ -24,9 +24,10 @@ from typing import Any
 import dagster as dg
 import pytest
 
-from nbpipeline import engine, seed, settings
-from nbpipeline.assets import ALL_ASSETS, RETRY_POLICY, is_transient, op_config
-from nbpipeline.runtime import run_notebook
+from nbpipeline import settings
+from nbpipeline.defs.assets import ALL_ASSETS, STEP_RETRY_POLICY, is_transient, op_config
+from nbpipeline.local import engine, seed
+from nbpipeline.local.runtime import run_notebook
 from nbpipeline_tests.helpers import (  # launch, stop_group: also imported from here elsewhere
     RUN_TIMEOUT_S,
     Gates,
@@ -360,11 +361,11 @@ def test_transient_failures_are_retried_a_bounded_number_of_times_with_the_reaso
     each with its reason in the run log, then the step fails."""
     result, log = _materialize_notebook1(FakeBackend(flaky=99))
     assert not result.success
-    assert CALLS["Notebook1"] == 1 + RETRY_POLICY.max_retries
+    assert CALLS["Notebook1"] == 1 + STEP_RETRY_POLICY.max_retries
     retries = [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
-    assert len(retries) == RETRY_POLICY.max_retries
+    assert len(retries) == STEP_RETRY_POLICY.max_retries
     lines = [m for m in log if "transient failure" in m]
-    assert len(lines) == 1 + RETRY_POLICY.max_retries
+    assert len(lines) == 1 + STEP_RETRY_POLICY.max_retries
     assert "attempt 1 (retrying): cannot connect to the Spark engine" in lines[0]
     assert "UNAVAILABLE" in lines[0]
     assert "attempt 4 (no retries left)" in lines[-1]

@@ -15,8 +15,9 @@ import dagster as dg
 import pytest
 
 from nbpipeline import definitions
-from nbpipeline.assets import SOURCE_VERSION_TAG, op_config
-from nbpipeline.checks import VALID_ROW_SQL
+from nbpipeline.defs.assets import op_config
+from nbpipeline.defs.checks import VALID_ROW_SQL
+from nbpipeline.defs.tags import SOURCE_VERSION_TAG
 from nbpipeline.tables import OUTPUT_KEYS, OUTPUT_TABLES
 from nbpipeline_tests.helpers import latest_version, step_windows
 
@@ -28,7 +29,7 @@ NOTEBOOKS = ("Notebook1", "Notebook2", "Notebook3", "Notebook4")
 
 @pytest.fixture
 def source(spark, schema: str) -> str:
-    from nbpipeline.seed import seed_orders
+    from nbpipeline.local.seed import seed_orders
 
     table = f"{schema}.orders"
     seed_orders(spark, table, rows=ROWS, seed=23, dirty=True)

@@ -1,4 +1,4 @@
-"""A small run of `python -m nbpipeline.loadtest`: the script behind the 20M-row and 20-runs
+"""A small run of `python -m nbpipeline.cli.loadtest`: the script behind the 20M-row and 20-runs
 figures works end to end and its figures are real (runs on the instance, memory incl. the JVM).
 """
 
@@ -13,8 +13,8 @@ import dagster as dg
 import psutil
 import pytest
 
-from nbpipeline import engine
-from nbpipeline.loadtest import LOADTEST_TAG
+from nbpipeline.defs.tags import LOADTEST_TAG
+from nbpipeline.local import engine
 
 pytestmark = [pytest.mark.spark, pytest.mark.dagster, pytest.mark.slow]
 
@@ -24,7 +24,7 @@ def test_loadtest_smoke(spark, schema: str, instance: dg.DagsterInstance) -> Non
         [
             sys.executable,
             "-m",
-            "nbpipeline.loadtest",
+            "nbpipeline.cli.loadtest",
             *("--rows", "300", "--runs", "1", "--series-rows", "300"),
             *("--changes", "0.1", "--schema", schema, "--json"),
         ],
@@ -62,7 +62,7 @@ def test_loadtest_smoke(spark, schema: str, instance: dg.DagsterInstance) -> Non
 
 
 def test_engine_errors_count_failures_not_detached_result_streams(tmp_path) -> None:
-    from nbpipeline.loadtest import _engine_errors
+    from nbpipeline.perf.loadtest import engine_errors
 
     log = tmp_path / "server.log"
     log.write_text(
@@ -74,8 +74,8 @@ def test_engine_errors_count_failures_not_detached_result_streams(tmp_path) -> N
         "java.lang.OutOfMemoryError: Java heap space\n"
     )
     offset = len(log.read_text().splitlines(keepends=True)[0])
-    assert _engine_errors(log, offset) == [
+    assert engine_errors(log, offset) == [
         "26/11/27 04:00:02 ERROR Executor: Exception in task 3.0 in stage 7.0",
         "java.lang.OutOfMemoryError: Java heap space",
     ]
-    assert _engine_errors(tmp_path / "absent.log", 0) == []
+    assert engine_errors(tmp_path / "absent.log", 0) == []

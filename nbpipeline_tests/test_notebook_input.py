@@ -7,7 +7,7 @@ import json
 import pytest
 
 from nbpipeline.errors import ConfigError, NotebookError
-from nbpipeline.runtime import run_notebook
+from nbpipeline.local.runtime import run_notebook
 from nbpipeline.settings import notebooks_dir
 
 pytestmark = pytest.mark.spark

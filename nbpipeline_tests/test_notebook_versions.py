@@ -20,9 +20,10 @@ from typing import Any
 
 import pytest
 
-from nbpipeline import seed, settings
+from nbpipeline import settings
 from nbpipeline.errors import NotebookError
-from nbpipeline.runtime import run_notebook
+from nbpipeline.local import seed
+from nbpipeline.local.runtime import run_notebook
 from nbpipeline_tests import contract_oracle as oracle
 from nbpipeline_tests.test_contract import assert_table_equal, collect
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from nbpipeline import jobs
+from nbpipeline.defs import jobs
 from nbpipeline.instance import PROJECT_DAGSTER_YAML
 
 # Modules that exist on POSIX only. psutil's Linux part imports `resource` and `pwd`, but psutil

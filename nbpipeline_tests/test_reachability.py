@@ -28,10 +28,11 @@ from typing import Any
 import dagster as dg
 import pytest
 
-from nbpipeline import engine, reachability
-from nbpipeline.backends.base import NotebookBackend
+from nbpipeline import reachability
+from nbpipeline.backend import NotebookBackend
 from nbpipeline.backends.databricks import client_resource_from_env
 from nbpipeline.errors import NotebookError, UnreachableError
+from nbpipeline.local import engine
 from nbpipeline.settings import PROJECT_ROOT
 from nbpipeline_tests.conftest import _free_port
 from nbpipeline_tests.conftest_databricks import (
@@ -258,7 +259,7 @@ def test_spark_remote_refusing_credentials(
 
 
 def test_engine_address_and_status_mask_the_token(monkeypatch: pytest.MonkeyPatch) -> None:
-    from nbpipeline.backends.local import LocalNotebookBackend
+    from nbpipeline.local.backend import LocalNotebookBackend
 
     token = canary("sc")
     monkeypatch.setenv("NBPIPELINE_SPARK_REMOTE", f"sc://engine.example:443/;token={token}")
@@ -431,7 +432,7 @@ def test_a_step_fails_fast_without_retries_and_no_event_holds_the_secret(
 ) -> None:
     """A run launched from the UI has no CLI check before it: its first step checks, fails at
     once and is not retried."""
-    from nbpipeline.assets import NOTEBOOK_ASSETS
+    from nbpipeline.defs.assets import NOTEBOOK_ASSETS
 
     token = canary("pat")
     monkeypatch.setenv("DATABRICKS_HOST", f"http://127.0.0.1:{_free_port()}")
@@ -525,8 +526,8 @@ def test_cli_prints_one_error_and_a_hint_in_seconds_and_writes_nothing(
 def test_a_local_step_with_an_unreachable_remote_fails_fast_and_hides_the_token(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from nbpipeline.assets import NOTEBOOK_ASSETS
-    from nbpipeline.backends.local import LocalNotebookBackend
+    from nbpipeline.defs.assets import NOTEBOOK_ASSETS
+    from nbpipeline.local.backend import LocalNotebookBackend
 
     token = canary("sc")
     monkeypatch.setenv("NBPIPELINE_SPARK_REMOTE", f"sc://127.0.0.1:{_free_port()}/;token={token}")
@@ -574,7 +575,7 @@ _LEAKY_CALLS: list[str] = []
 def test_a_secret_in_any_step_error_never_reaches_the_event_log(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from nbpipeline.assets import NOTEBOOK_ASSETS
+    from nbpipeline.defs.assets import NOTEBOOK_ASSETS
 
     secret = canary("api")
     monkeypatch.setenv("MY_API_TOKEN", secret)

@@ -341,7 +341,7 @@ def test_main_command_seeds_a_missing_source(spark, tmp_path: Path) -> None:
     assert re.fullmatch(r"[0-9a-f-]{36}", run_id), proc.stdout
     assert spark.table(DEFAULT_SOURCE_TABLE).count() == 500
     # The next run finds the source and leaves it alone.
-    from nbpipeline.cli_pipeline import ensure_source
+    from nbpipeline.runs import ensure_source
 
     said: list[str] = []
     assert ensure_source(spark, DEFAULT_SOURCE_TABLE, rows=10, out=said.append) is False

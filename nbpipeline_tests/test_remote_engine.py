@@ -22,7 +22,8 @@ import dagster as dg
 import psutil
 import pytest
 
-from nbpipeline import engine
+from nbpipeline.local import engine
+from nbpipeline.local import jars as local_jars
 from nbpipeline.settings import PROJECT_ROOT
 from nbpipeline.tables import OUTPUT_TABLES
 from nbpipeline_tests.helpers import (
@@ -66,7 +67,7 @@ def second(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     root = tmp_path_factory.mktemp("second_engine")
     saved = os.environ.pop("NBPIPELINE_DELTA_JARS", None)
     try:
-        resolved = engine.resolve_jars()  # the per-user cache, resolved once by the session
+        resolved = local_jars.resolve_jars()  # the per-user cache, resolved once by the session
     finally:
         if saved is not None:
             os.environ["NBPIPELINE_DELTA_JARS"] = saved

@@ -11,8 +11,9 @@ import dagster as dg
 import pytest
 
 from nbpipeline import definitions
-from nbpipeline.assets import SOURCE_VERSION_TAG, SOURCE_VERSIONS_TAG, op_config, run_created_at
-from nbpipeline.seed import seed_orders
+from nbpipeline.defs.assets import op_config, run_created_at
+from nbpipeline.defs.tags import SOURCE_VERSION_TAG, SOURCE_VERSIONS_TAG
+from nbpipeline.local.seed import seed_orders
 from nbpipeline.tables import OUTPUT_TABLES
 from nbpipeline_tests import contract_oracle as oracle
 from nbpipeline_tests.test_contract import assert_table_equal, collect

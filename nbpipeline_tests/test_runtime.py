@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from nbpipeline.errors import ConfigError, NotebookError, NotebookTimeout
-from nbpipeline.runtime import declared_widgets, parse_notebook, run_notebook
+from nbpipeline.local.runtime import declared_widgets, parse_notebook, run_notebook
 
 SEP = "\n# COMMAND ----------\n"
 

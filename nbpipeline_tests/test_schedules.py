@@ -8,13 +8,8 @@ import dagster as dg
 import pytest
 
 from nbpipeline import definitions
+from nbpipeline.defs.schedules import SOURCE_TABLE_ENV, build_schedules, cron_for, schedule_timezone
 from nbpipeline.errors import ConfigError
-from nbpipeline.schedules import (
-    SOURCE_TABLE_ENV,
-    build_schedules,
-    cron_for,
-    schedule_timezone,
-)
 
 NOTEBOOKS = ("Notebook1", "Notebook2", "Notebook3", "Notebook4")
 

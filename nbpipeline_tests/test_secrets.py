@@ -25,7 +25,7 @@ import dagster as dg
 import psutil
 import pytest
 
-from nbpipeline.backends.base import NOTEBOOK_NAMES
+from nbpipeline.backend import NOTEBOOK_NAMES
 from nbpipeline.instance import WORKSPACE_YAML
 from nbpipeline.settings import PROJECT_ROOT
 from nbpipeline.tables import OUTPUT_TABLES

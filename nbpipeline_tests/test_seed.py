@@ -9,8 +9,8 @@ from decimal import Decimal
 
 import pytest
 
-from nbpipeline import seed
 from nbpipeline.errors import ConfigError
+from nbpipeline.local import seed
 from nbpipeline_tests import contract_oracle as oracle
 
 pytestmark = pytest.mark.spark

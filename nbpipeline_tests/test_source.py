@@ -21,18 +21,17 @@ from dagster._core.definitions.data_version import StaleStatus
 from dagster._core.definitions.observe import observe
 from dagster._utils.test.data_versions import get_stale_status_resolver
 
-from nbpipeline import seed
-from nbpipeline.assets import ALL_ASSETS, ORDERS_KEY, SOURCE_VERSION_TAG, op_config, orders
-from nbpipeline.backends.base import NotebookBackend, NotebookRun
-from nbpipeline.backends.local import LocalNotebookBackend
-from nbpipeline.demo import DEMO_JOB
+from nbpipeline.backend import NotebookBackend, NotebookResult
+from nbpipeline.defs.assets import ALL_ASSETS, ORDERS_KEY, op_config, orders
+from nbpipeline.defs.resources import SPARK_REMOTE_ENV
+from nbpipeline.defs.sensors import SENSOR_NAME, evaluate, run_key
+from nbpipeline.defs.source import SOURCE_TABLE_ENV
+from nbpipeline.defs.tags import DEMO_JOB, PARALLEL_JOB, SOURCE_VERSION_TAG
 from nbpipeline.errors import ConfigError
 from nbpipeline.identifiers import parse_table
-from nbpipeline.jobs import PARALLEL_JOB
-from nbpipeline.resources import SPARK_REMOTE_ENV
-from nbpipeline.sensors import SENSOR_NAME, evaluate, run_key
+from nbpipeline.local import seed
+from nbpipeline.local.backend import LocalNotebookBackend
 from nbpipeline.settings import PROJECT_ROOT
-from nbpipeline.source import SOURCE_TABLE_ENV
 from nbpipeline.tables import OUTPUT_TABLES
 
 USER_ROWS = 300
@@ -70,7 +69,7 @@ class NotebooksOnlyBackend(NotebookBackend):
         *,
         timeout_seconds: int = 3600,
         log: logging.Logger | None = None,
-    ) -> NotebookRun:
+    ) -> NotebookResult:
         raise AssertionError("no notebook runs in these tests")
 
 

@@ -32,9 +32,9 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from nbpipeline.cli_pipeline import FIRST_RUN_ROWS_ENV
+from nbpipeline.defs.schedules import SCHEDULE_NAMES
 from nbpipeline.instance import PROJECT_DAGSTER_YAML
-from nbpipeline.schedules import SCHEDULE_NAMES
+from nbpipeline.runs import FIRST_RUN_ROWS_ENV
 from nbpipeline.settings import DEFAULT_SOURCE_TABLE, PROJECT_ROOT
 from nbpipeline.tables import OUTPUT_TABLES
 
@@ -392,7 +392,7 @@ def _wait_for_comparison(home: Path, after: str, timeout_s: float = 180) -> dg.D
 
     The sensor is evaluated by the daemon every 30 s, so this can take a while.
     """
-    from nbpipeline.comparison_assets import COMPARISON_JOB
+    from nbpipeline.defs.tags import COMPARISON_JOB
 
     deadline = time.monotonic() + timeout_s
     with dg.DagsterInstance.from_config(str(home)) as instance:

@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 
-from nbpipeline import assets, widgets
+from nbpipeline import widgets
+from nbpipeline.defs import assets
 from nbpipeline.errors import ConfigError
-from nbpipeline.runtime import parse_notebook
+from nbpipeline.local.runtime import parse_notebook
 from nbpipeline.settings import notebooks_dir
 
 # (widget, value, accepted)

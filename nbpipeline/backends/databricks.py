@@ -10,7 +10,7 @@ Secrets: credentials come through dagster-databricks' `DatabricksClientResource`
 token are read from the environment (`dg.EnvVar("DATABRICKS_HOST")`,
 `dg.EnvVar("DATABRICKS_TOKEN")`), so Dagster only ever stores and shows the variable *names*. The
 token itself is handed to the Databricks SDK and to nothing else: no log line, exception or
-`NotebookRun` built here contains it. With no token configured the SDK's unified auth finds
+`NotebookResult` built here contains it. With no token configured the SDK's unified auth finds
 credentials on its own (OAuth M2M variables, a `~/.databrickscfg` profile, Azure CLI, ...).
 
 The pieces shared with the Databricks-native jobs (`nbpipeline.databricks_jobs`) live here too:
@@ -44,12 +44,7 @@ from databricks.sdk.service import workspace as ws_api
 from pydantic import Field, PrivateAttr, model_validator
 
 from nbpipeline import settings
-from nbpipeline.backends.base import (
-    NOTEBOOK_NAMES,
-    NotebookBackend,
-    NotebookRun,
-    parse_exit_value,
-)
+from nbpipeline.backend import NOTEBOOK_NAMES, NotebookBackend, NotebookResult, parse_exit_value
 from nbpipeline.errors import ConfigError, NotebookError, NotebookTimeout
 
 HOST_ENV = "DATABRICKS_HOST"
@@ -905,7 +900,7 @@ class DatabricksNotebookBackend(NotebookBackend):
         timeout_seconds: int = 3600,
         log: logging.Logger | None = None,
         idempotency_token: str | None = None,
-    ) -> NotebookRun:
+    ) -> NotebookResult:
         """Submit `notebook` as a one-time run, wait for it, and return its exit JSON.
 
         `idempotency_token` (at most 64 characters) is normally derived; pass one to make a
@@ -1087,7 +1082,7 @@ class DatabricksNotebookBackend(NotebookBackend):
         token: str,
         timeout_seconds: int,
         log: logging.Logger,
-    ) -> NotebookRun:
+    ) -> NotebookResult:
         run_id = int(run.run_id or 0)
         url = run.run_page_url
         # A submitted run has one task; its durations and output live on the task run, and
@@ -1145,7 +1140,7 @@ class DatabricksNotebookBackend(NotebookBackend):
                 timings["execution_s"],
                 timings["cleanup_s"],
             )
-            return NotebookRun(
+            return NotebookResult(
                 notebook=notebook,
                 location=path,
                 backend=self.backend_name,

@@ -1,8 +1,8 @@
 """Materialization metadata built from a notebook run: pure functions, no Dagster context.
 
-Every backend returns a `NotebookRun` whose exit JSON has the same shape, so the same functions
+Every backend returns a `NotebookResult` whose exit JSON has the same shape, so the same functions
 describe a materialization whether the notebook ran on the local engine or on Databricks (where
-`NotebookRun.extra` adds the run URL and the like).
+`NotebookResult.extra` adds the run URL and the like).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import dagster as dg
 
-from nbpipeline.backends.base import NotebookRun
+from nbpipeline.backend import NotebookResult
 
 #: Row figures every table entry of an exit JSON carries.
 ROW_COUNTERS = ("rows_read", "rows_rejected", "rows_inserted", "rows_updated", "rows_deleted")
@@ -77,7 +77,7 @@ def extra_metadata(extra: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def table_metadata(run: NotebookRun, table: Mapping[str, Any]) -> dict[str, Any]:
+def table_metadata(run: NotebookResult, table: Mapping[str, Any]) -> dict[str, Any]:
     """Metadata of one output table's materialization, from the run and its exit-JSON entry.
 
     Row counters, the Delta version committed, table name, location (`dagster/uri`), row count and

@@ -1,7 +1,8 @@
 """The one abstract resource for running a notebook, and what a run returns.
 
 Assets depend on `NotebookBackend` only; which implementation is bound (local or Databricks) is
-decided in one place (`nbpipeline.resources`), so the asset graph never changes with the backend.
+decided in one place (`nbpipeline.defs.resources`), so the asset graph never changes with the
+backend.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ NOTEBOOK_NAMES = ("Notebook1", "Notebook2", "Notebook3", "Notebook4")
 
 
 @dataclass
-class NotebookRun:
+class NotebookResult:
     """The outcome of one successful notebook run, whatever the backend.
 
     `exit_value` is the notebook's `dbutils.notebook.exit` JSON, parsed, passed on unchanged by
@@ -84,7 +85,7 @@ class NotebookBackend(dg.ConfigurableResource, ABC):
         *,
         timeout_seconds: int = 3600,
         log: logging.Logger | None = None,
-    ) -> NotebookRun:
+    ) -> NotebookResult:
         """Run `notebook` (one of NOTEBOOK_NAMES) with widget values `parameters`.
 
         Raises `NotebookError` (with notebook, cell and, on Databricks, run URL) on failure.

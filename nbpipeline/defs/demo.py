@@ -16,10 +16,9 @@ import dagster as dg
 from pydantic import Field
 
 from nbpipeline import settings
-from nbpipeline.backends.base import NotebookBackend
+from nbpipeline.backend import NotebookBackend
+from nbpipeline.defs.tags import DEMO_JOB
 from nbpipeline.errors import ConfigError
-
-DEMO_JOB = "demo_source"
 
 
 class DemoSourceConfig(dg.Config):
@@ -47,8 +46,8 @@ class DemoSourceConfig(dg.Config):
 def demo_source_data(
     context: dg.OpExecutionContext, config: DemoSourceConfig, notebook_backend: NotebookBackend
 ) -> None:
-    from nbpipeline import seed
-    from nbpipeline.resources import spark_session
+    from nbpipeline.defs.resources import spark_session
+    from nbpipeline.local import seed
 
     try:
         spark = spark_session(notebook_backend)

@@ -15,21 +15,16 @@ from typing import Any
 
 import dagster as dg
 
-from nbpipeline.assets import MODE_TAG, OUTPUT_ASSET_KEYS
-from nbpipeline.backends.base import NOTEBOOK_NAMES
+from nbpipeline.backend import NOTEBOOK_NAMES
+from nbpipeline.defs.assets import OUTPUT_ASSET_KEYS
+from nbpipeline.defs.tags import MODE_TAG, PARALLEL_JOB, SEQUENTIAL_JOB
 from nbpipeline.settings import positive_int_env
 
-SEQUENTIAL_JOB = "sequential_notebooks"
-PARALLEL_JOB = "parallel_notebooks"
-MODES: dict[str, str] = {"sequential": SEQUENTIAL_JOB, "parallel": PARALLEL_JOB}
 MAX_CONCURRENT_ENV = "NBPIPELINE_MAX_CONCURRENT"
 DEFAULT_MAX_CONCURRENT = len(NOTEBOOK_NAMES)
 # Step processes are forked from a server that has imported the definitions and the Spark
-# Connect client once, instead of each spawned process importing Dagster, nbpipeline, pandas,
-# pyarrow and gRPC again. Measured on a busy 2-core machine: 7-9.5 s from launch to step start
-# per step with spawn, 1.5-3.5 s forked (plus ~5 s once for the server), and ~1 s instead of
-# ~4 s of set-up inside each notebook step. Forking is safe here: the server only imports
-# modules and never opens a gRPC channel.
+# Connect client once, instead of each spawned process importing them again (see
+# docs/design-notes-A.md); safe, since the server only imports modules and opens no gRPC channel.
 FORKSERVER_PRELOAD = ["nbpipeline.definitions", "pyspark.sql.connect.session"]
 
 #: The five outputs; selecting them selects their asset checks too.

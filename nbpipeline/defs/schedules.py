@@ -15,10 +15,10 @@ from typing import Any
 import dagster as dg
 from dagster._utils.schedules import is_valid_cron_string
 
-from nbpipeline.assets import MODE_TAG, op_config
+from nbpipeline.defs.assets import op_config
+from nbpipeline.defs.source import SOURCE_TABLE_ENV
+from nbpipeline.defs.tags import JOB_BY_MODE, MODE_TAG, PARALLEL_JOB, SEQUENTIAL_JOB
 from nbpipeline.errors import ConfigError
-from nbpipeline.jobs import PARALLEL_JOB, SEQUENTIAL_JOB
-from nbpipeline.source import SOURCE_TABLE_ENV
 
 SEQUENTIAL_CRON_ENV = "NBPIPELINE_SEQUENTIAL_CRON"
 PARALLEL_CRON_ENV = "NBPIPELINE_PARALLEL_CRON"
@@ -30,7 +30,6 @@ SCHEDULE_NAMES = {
     "parallel": f"{PARALLEL_JOB}_schedule",
 }
 _CRON_ENVS = {"sequential": SEQUENTIAL_CRON_ENV, "parallel": PARALLEL_CRON_ENV}
-_JOBS = {"sequential": SEQUENTIAL_JOB, "parallel": PARALLEL_JOB}
 
 
 def cron_for(mode: str) -> str:
@@ -74,10 +73,10 @@ def _schedule(mode: str) -> dg.ScheduleDefinition:
     return dg.schedule(
         cron_schedule=cron_for(mode),
         name=SCHEDULE_NAMES[mode],
-        job_name=_JOBS[mode],
+        job_name=JOB_BY_MODE[mode],
         execution_timezone=schedule_timezone(),
         default_status=dg.DefaultScheduleStatus.STOPPED,
-        description=f"Runs {_JOBS[mode]} on a cron schedule (env {_CRON_ENVS[mode]}).",
+        description=f"Runs {JOB_BY_MODE[mode]} on a cron schedule (env {_CRON_ENVS[mode]}).",
     )(_evaluate)
 
 

@@ -15,11 +15,12 @@ from pathlib import Path
 
 from pydantic import Field
 
-from nbpipeline import engine, settings
-from nbpipeline.backends.base import NOTEBOOK_NAMES, NotebookBackend, NotebookRun
-from nbpipeline.backends.local import run_on_session
+from nbpipeline import settings
+from nbpipeline.backend import NOTEBOOK_NAMES, NotebookBackend, NotebookResult
 from nbpipeline.errors import ConfigError
 from nbpipeline.identifiers import parse_table
+from nbpipeline.local import engine
+from nbpipeline.local.backend import run_on_session
 
 
 class PerProcessSparkBackend(NotebookBackend):
@@ -42,7 +43,7 @@ class PerProcessSparkBackend(NotebookBackend):
         *,
         timeout_seconds: int = 3600,
         log: logging.Logger | None = None,
-    ) -> NotebookRun:
+    ) -> NotebookResult:
         if notebook not in NOTEBOOK_NAMES:
             raise ConfigError(f"unknown notebook {notebook!r}; expected one of {NOTEBOOK_NAMES}")
         source = parse_table(parameters.get("source_table", settings.DEFAULT_SOURCE_TABLE))

@@ -1,4 +1,4 @@
-"""`python -m nbpipeline.loadtest`: both jobs under load, with the figures to judge them.
+"""Both jobs under load, with the figures to judge them (`python -m nbpipeline.cli.loadtest`).
 
 Two phases, on the Dagster instance `nbpipeline run` uses and the engine of NBPIPELINE_HOME:
 
@@ -18,27 +18,21 @@ Prints a table (or `--json`) and exits 1 if any run failed or any check failed.
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from nbpipeline import engine
-from nbpipeline.errors import ConfigError, NbPipelineError
+from nbpipeline.defs.tags import LOADTEST_TAG
+from nbpipeline.errors import ConfigError
+from nbpipeline.local import engine
+from nbpipeline.progress import progress
 
-LOADTEST_TAG = "nbpipeline/loadtest"
 _ENGINE_TROUBLE = ("OutOfMemoryError", "SparkOutOfMemoryError", "No space left", "ERROR")
 _DETACHED = "INVALID_CURSOR.DISCONNECTED"
 
 
-def _progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)  # noqa: T201 - CLI output
-
-
-def _engine_errors(log: Path, offset: int) -> list[str]:
+def engine_errors(log: Path, offset: int) -> list[str]:
     """Lines at or after byte `offset` of the engine log that report trouble."""
     try:
         with open(log, "rb") as fh:
@@ -63,17 +57,17 @@ def step_seconds(run_id: str) -> dict[str, float]:
     """Each step's wall seconds in the run, from its event log (where a long run's time went)."""
     import dagster as dg
 
-    from nbpipeline.comparison import run_timing
+    from nbpipeline.perf.comparison import run_timing
 
-    # DAGSTER_HOME is set and the pools exist by now (run_job made both sure).
+    # DAGSTER_HOME is set and the pools exist by now (run_pipeline_job made both sure).
     with dg.DagsterInstance.get() as instance:
         return {s.step: round(s.duration_s, 1) for s in run_timing(instance, run_id).steps}
 
 
 def measured_run(mode: str, source: str, phase: str) -> dict[str, Any]:
     """Run the job of `mode` on `source`; its outcome, wall time and peak memory."""
-    from nbpipeline.bench import MemorySampler
-    from nbpipeline.cli_pipeline import build_run_config, run_job
+    from nbpipeline.perf.bench import MemorySampler
+    from nbpipeline.runs import build_run_config, run_pipeline_job
 
     state = engine.status()
     log = Path(state["log"])
@@ -83,7 +77,7 @@ def measured_run(mode: str, source: str, phase: str) -> dict[str, Any]:
     run_config["loggers"] = {"console": {"config": {"log_level": "CRITICAL"}}}
     with MemorySampler(extra, interval_s=0.5) as mem:
         started = time.perf_counter()
-        result = run_job(mode, run_config, tags={LOADTEST_TAG: phase}, out=lambda _m: None)
+        result = run_pipeline_job(mode, run_config, tags={LOADTEST_TAG: phase}, out=lambda _m: None)
         wall = time.perf_counter() - started
     return {
         "phase": phase,
@@ -95,7 +89,7 @@ def measured_run(mode: str, source: str, phase: str) -> dict[str, Any]:
         "failed_checks": result["failed_checks"],
         "wall_s": round(wall, 2),
         "peak_rss_mb": round(mem.peak_bytes / 2**20, 1),
-        "engine_errors": _engine_errors(log, offset),
+        "engine_errors": engine_errors(log, offset),
     }
 
 
@@ -107,11 +101,11 @@ def loadtest(
     changes: float,
     schema: str,
     seed: int = 42,
-    progress: Callable[[str], None] = _progress,
+    progress: Callable[[str], None] = progress,
 ) -> dict[str, Any]:
     """Run both phases (a phase with 0 rows / 0 runs is skipped); return every run's figures."""
-    from nbpipeline import seed as seeding
     from nbpipeline.identifiers import parse_schema
+    from nbpipeline.local import seed as seeding
 
     parse_schema(schema, what="--schema")
     if rows < 0 or runs < 0 or series_rows < 200:
@@ -173,35 +167,3 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append("    steps: " + ", ".join(f"{k} {v:.1f}s" for k, v in steps))
     lines.append("all runs succeeded, all checks passed" if result["ok"] else "FAILURES above")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of `python -m nbpipeline.loadtest`."""
-    parser = argparse.ArgumentParser(prog="python -m nbpipeline.loadtest", description=__doc__)
-    parser.add_argument("--rows", type=int, default=20_000_000, help="volume phase rows (0: skip)")
-    parser.add_argument("--runs", type=int, default=20, help="series phase runs (0: skip)")
-    parser.add_argument("--series-rows", type=int, default=100_000, help="series source rows")
-    parser.add_argument("--changes", type=float, default=0.02, help="change batch fraction")
-    parser.add_argument("--schema", default="loadtest", help="schema for the sources and outputs")
-    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
-    args = parser.parse_args(argv)
-    try:
-        from nbpipeline.instance import get_instance
-
-        get_instance(_progress).dispose()  # DAGSTER_HOME and pools ready before any run
-        result = loadtest(
-            rows=args.rows,
-            runs=args.runs,
-            series_rows=args.series_rows,
-            changes=args.changes,
-            schema=args.schema,
-        )
-    except NbPipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)  # noqa: T201 - CLI output
-        return 2
-    print(json.dumps(result, indent=1) if args.json else format_table(result))  # noqa: T201
-    return 0 if result["ok"] else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

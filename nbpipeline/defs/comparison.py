@@ -13,11 +13,10 @@ import base64
 
 import dagster as dg
 
-from nbpipeline import comparison, settings
+from nbpipeline import settings
+from nbpipeline.defs.tags import COMPARISON_JOB, PARALLEL_JOB, SEQUENTIAL_JOB
 from nbpipeline.errors import ConfigError
-from nbpipeline.jobs import PARALLEL_JOB, SEQUENTIAL_JOB
-
-COMPARISON_JOB = "runtime_comparison_job"
+from nbpipeline.perf import comparison
 
 
 @dg.asset(

@@ -9,7 +9,7 @@ Modes:
   the stock way to use PySpark from Dagster (a reference, not a product mode).
 - `reference`: the floor, the least work this engine can do for this data: the five outputs
   computed in one session from one cached, cleaned snapshot and written with plain overwrites
-  (`nbpipeline.reference`), into a folder of its own. Every mode's ratio to it is reported.
+  (`nbpipeline.perf.reference`), into a folder of its own. Every mode's ratio to it is reported.
 
 Every mode reads the same Delta path source (a classic in-process JVM cannot open the engine's
 metastore) and MERGEs into the same outputs beside it. A warm-up run (not measured) writes the
@@ -53,10 +53,13 @@ from typing import Any
 import dagster as dg
 import psutil
 
-from nbpipeline import engine, settings
+from nbpipeline import settings
+from nbpipeline.backend import NOTEBOOK_NAMES
+from nbpipeline.defs.tags import BENCH_TAG, SOURCE_VERSION_TAG
 from nbpipeline.errors import ConfigError, NbPipelineError
+from nbpipeline.local import engine
 
-MODES = (
+BENCH_MODES = (
     "dagster-sequential",
     "dagster-parallel",
     "notebook-sequential",
@@ -65,7 +68,6 @@ MODES = (
     "reference",
 )
 REFERENCE = "reference"
-BENCH_TAG = "nbpipeline/bench"
 
 # (numerator, denominator, comparison, target): the performance targets.
 TARGETS = (
@@ -90,16 +92,16 @@ ROLES = (
 )
 PARALLEL_MEMORY_TARGET_MB = 3 * 1024
 #: The Dagster modes run these steps of the jobs (the notebooks, not the check steps).
-NOTEBOOK_STEPS = ["Notebook1", "Notebook2", "Notebook3", "Notebook4"]
 
 
 def per_process_parallel_job() -> dg.JobDefinition:
     """The parallel job with `PerProcessSparkBackend` bound instead of the shared engine: same
     assets, checks and executor; only the resource differs."""
-    from nbpipeline.assets import ALL_ASSETS
-    from nbpipeline.backends.classic import PerProcessSparkBackend
-    from nbpipeline.jobs import PARALLEL_JOB, build_jobs
-    from nbpipeline.resources import NOTEBOOK_BACKEND_KEY
+    from nbpipeline.defs.assets import ALL_ASSETS
+    from nbpipeline.defs.jobs import build_jobs
+    from nbpipeline.defs.resources import NOTEBOOK_BACKEND_KEY
+    from nbpipeline.defs.tags import PARALLEL_JOB
+    from nbpipeline.local.classic import PerProcessSparkBackend
 
     swapped = dg.Definitions(
         assets=ALL_ASSETS,
@@ -114,8 +116,8 @@ class MemorySampler(threading.Thread):
     and the CPU seconds the tree used meanwhile (`cpu_s`, and `engine_cpu_s` of the first extra
     pid's tree, the engine JVM), which tells whether the engine had idle cores to offer."""
 
-    # Reading every process's PSS (/proc/PID/smaps_rollup, costly for a JVM) every 0.1 s cost
-    # a tenth of a core, which a 2-core machine takes from the modes measured.
+    # Reading every process's PSS (/proc/PID/smaps_rollup) is costly for a JVM: a shorter
+    # interval takes CPU from the modes being measured.
     def __init__(self, extra_pids: list[int], interval_s: float = 0.5) -> None:
         super().__init__(daemon=True)
         self.extra_pids = extra_pids
@@ -204,9 +206,8 @@ class MemorySampler(threading.Thread):
                     entry[1] = used
                     info = proc.memory_full_info()  # PSS comes from /proc/PID/smaps_rollup
                     rss += info.rss
-                    # No PSS off Linux: count RSS. And never more than RSS: this machine's
-                    # kernel was seen reporting a JVM's PSS above its RSS (1424 vs 1189 MB),
-                    # which a proportional share of resident pages cannot be.
+                    # No PSS off Linux: count RSS. And never more than RSS, which a
+                    # proportional share of resident pages cannot exceed (kernels misreport it).
                     pss += min(getattr(info, "pss", info.rss), info.rss)
         self._first_sample = False
         return rss, pss
@@ -299,8 +300,8 @@ class EngineMetrics:
 
 def _source_for_bench(spark: Any, rows: int, seed: int, progress: Callable[[str], None]) -> dict:
     """Seed the bench source once per (rows, seed); reuse it while it is unchanged."""
-    from nbpipeline import seed as seeding
     from nbpipeline.identifiers import parse_table
+    from nbpipeline.local import seed as seeding
     from nbpipeline.tables import table_info
 
     folder = settings.home() / "bench"
@@ -327,7 +328,7 @@ def _run_dagster(
     tags: dict,
     op_selection: list[str] | None,
 ) -> str:
-    from nbpipeline.cli_pipeline import build_run_config, run_job_fn
+    from nbpipeline.runs import build_run_config, run_job_fn
 
     run_config = build_run_config(mode, source=source)
     result = run_job_fn(
@@ -348,8 +349,8 @@ def breakdown(instance: dg.DagsterInstance, run_id: str) -> dict[str, float]:
     - `idle_s`: wall time during which no step was running (launch and tail included);
     - `wall_s`: the run's start to its end, as `nbpipeline compare` counts it.
     """
-    from nbpipeline.comparison import run_timing
-    from nbpipeline.metadata import metadata_value
+    from nbpipeline.defs.metadata import metadata_value
+    from nbpipeline.perf.comparison import run_timing
 
     timing = run_timing(instance, run_id)
     notebook_s: dict[str, float] = {}
@@ -371,7 +372,7 @@ def breakdown(instance: dg.DagsterInstance, run_id: str) -> dict[str, float]:
 
 
 def _run_reference(source: str) -> None:
-    from nbpipeline import reference
+    from nbpipeline.perf import reference
 
     folder = settings.home() / "bench" / "reference"
     folder.mkdir(parents=True, exist_ok=True)
@@ -379,7 +380,7 @@ def _run_reference(source: str) -> None:
 
 
 def _run_orchestration(notebook: str, source: str) -> None:
-    from nbpipeline.runtime import run_notebook
+    from nbpipeline.local.runtime import run_notebook
 
     spark = engine.get_spark()
     # The orchestration notebooks print their timings; keep stdout for the bench's own result.
@@ -392,7 +393,7 @@ def bench(
     rows: int,
     repeat: int,
     seed: int = 42,
-    modes: tuple[str, ...] = MODES,
+    modes: tuple[str, ...] = BENCH_MODES,
     with_checks: bool = False,
     progress: Callable[[str], None] = lambda _m: None,
 ) -> dict[str, Any]:
@@ -403,9 +404,11 @@ def bench(
 
     if rows < 1 or repeat < 1:
         raise ConfigError("bench needs --rows >= 1 and --repeat >= 1")
-    unknown = sorted(set(modes) - set(MODES))
+    unknown = sorted(set(modes) - set(BENCH_MODES))
     if unknown:
-        raise ConfigError(f"unknown bench mode(s) {', '.join(unknown)}; modes: {', '.join(MODES)}")
+        raise ConfigError(
+            f"unknown bench mode(s) {', '.join(unknown)}; modes: {', '.join(BENCH_MODES)}"
+        )
     from nbpipeline.instance import get_instance
 
     instance = get_instance(progress)
@@ -413,8 +416,8 @@ def bench(
     source = _source_for_bench(spark, rows, seed, progress)
     table = source["table"]
     engine_pid = engine.status().get("pid")
-    tags = {BENCH_TAG: "1", "nbpipeline/source_version": str(source["version"])}
-    steps = None if with_checks else NOTEBOOK_STEPS
+    tags = {BENCH_TAG: "1", SOURCE_VERSION_TAG: str(source["version"])}
+    steps = None if with_checks else list(NOTEBOOK_NAMES)
     runners: dict[str, Callable[[], str | None]] = {
         "dagster-sequential": lambda: _run_dagster(
             definitions.sequential_notebooks_job, "sequential", table, tags, steps
@@ -444,7 +447,7 @@ def bench(
     runners["notebook-sequential"]()
     progress(f"Warm-up took {time.perf_counter() - started:.1f}s")
 
-    runs: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
     total = repeat * len(modes)
     done = 0
     for round_no in range(repeat):
@@ -483,7 +486,7 @@ def bench(
                 + (f", engine {busy:.2f} cores busy" if busy is not None else "")
             )
 
-    summary = {
+    summary: dict[str, dict[str, Any]] = {
         mode: {
             "median_s": round(statistics.median(r["wall_s"] for r in rs), 3),
             "min_s": round(min(r["wall_s"] for r in rs), 3),
@@ -592,7 +595,7 @@ def format_table(result: dict[str, Any]) -> str:
         m: f["breakdown_median"] for m, f in result["modes"].items() if "breakdown_median" in f
     }
     if parts:
-        keys = ("wall_s", "launch_s", "notebooks_s", "step_overhead_s", "idle_s")
+        keys = ["wall_s", "launch_s", "notebooks_s", "step_overhead_s", "idle_s"]
         lines += ["", "where the time goes (Dagster runs, medians, seconds):"]
         lines.append(f"{'mode':<20} " + " ".join(f"{k:>16}" for k in keys))
         for mode, b in parts.items():

@@ -15,12 +15,10 @@ serialises starts, and Spark's scratch space. Tables live in `<home>/warehouse`,
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import json
 import logging
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -31,13 +29,13 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import psutil
-import pyspark
 
 from nbpipeline import reachability, settings
-from nbpipeline.errors import EngineError, EngineGoneError, JarsError
+from nbpipeline.errors import EngineError, EngineGoneError
+from nbpipeline.local import jars
 from nbpipeline.redact import redact
 
 if TYPE_CHECKING:
@@ -57,146 +55,11 @@ def _log_progress(message: str) -> None:
     log.info(message)
 
 
-# --------------------------------------------------------------------------- Delta Lake JARs
-
-
-def delta_coordinate() -> str:
-    """Maven coordinate of the Delta JAR matching the installed pyspark and delta-spark."""
-    delta_version = importlib.metadata.version("delta-spark")
-    spark_minor = ".".join(pyspark.__version__.split(".")[:2])
-    return f"io.delta:delta-spark_{spark_minor}_2.13:{delta_version}"
-
-
-def spark_home() -> Path:
-    """The pyspark package folder, which is a complete Spark distribution."""
-    return Path(pyspark.__file__).resolve().parent
-
-
-def _artifact_name(jar: Path) -> str:
-    """`org.apache.parquet_parquet-column-1.16.0.jar` -> `parquet-column` (group and version cut)."""
-    stem = jar.name.removesuffix(".jar")
-    stem = stem.split("_", 1)[1] if "_" in stem and "." in stem.split("_", 1)[0] else stem
-    parts = stem.split("-")
-    while parts and parts[-1][:1].isdigit():
-        parts.pop()
-    return "-".join(parts)
-
-
-def _offline_hint(coordinate: str) -> str:
-    group, artifact, version = coordinate.split(":")
-    storage = f"{group}:delta-storage:{version}"
-    return (
-        "download them once, e.g. `mvn dependency:copy -Dartifact="
-        f"{coordinate} -DoutputDirectory=DIR` and the same for {storage}, "
-        "then set NBPIPELINE_DELTA_JARS=DIR"
-    )
-
-
-def _jars_from_dir(folder: Path, coordinate: str) -> list[Path]:
-    artifact = coordinate.split(":")[1]
-    if not folder.is_dir():
-        raise JarsError(
-            f"NBPIPELINE_DELTA_JARS={folder} is not a folder", hint=_offline_hint(coordinate)
-        )
-    jars = sorted(folder.glob("*.jar"))
-    missing = [
-        name
-        for name in (artifact, "delta-storage")
-        if not any(_artifact_name(j) == name for j in jars)
-    ]
-    if missing:
-        raise JarsError(
-            f"NBPIPELINE_DELTA_JARS={folder} lacks the Delta Lake JAR(s) {', '.join(missing)} "
-            f"(need {coordinate} and its delta-storage)",
-            hint=_offline_hint(coordinate),
-        )
-    return jars
-
-
-def resolve_jars(progress: Progress | None = None) -> list[Path]:
-    """The Delta Lake JARs to put on the engine's class path, resolving them once if needed.
-
-    Order: `NBPIPELINE_DELTA_JARS` (a folder of pre-downloaded JARs, for offline use); else the
-    per-user cache; else resolve from Maven Central with Spark's own resolver (Ivy), then keep only
-    the JARs Spark does not already ship and copy them into the cache for next time.
-    """
-    progress = progress or _log_progress
-    coordinate = delta_coordinate()
-    override = os.environ.get("NBPIPELINE_DELTA_JARS")
-    if override:
-        return _jars_from_dir(Path(override).expanduser().resolve(), coordinate)
-
-    cached = settings.cache_dir() / "jars" / coordinate.replace(":", "_")
-    manifest = cached / "jars.json"
-    if manifest.exists():
-        names = json.loads(manifest.read_text())
-        jars = [cached / n for n in names]
-        if all(j.exists() for j in jars):
-            return jars
-
-    progress(f"Resolving Delta Lake JARs {coordinate} (once; cached in {cached}) ...")
-    # One Ivy folder per coordinate: its jars/ folder then holds exactly Delta's closure.
-    ivy = settings.cache_dir() / "ivy" / coordinate.replace(":", "_")
-    started = time.monotonic()
-    with tempfile.TemporaryDirectory() as tmp:
-        noop = Path(tmp) / "noop.py"
-        noop.write_text("")
-        env = {**os.environ, "SPARK_HOME": str(spark_home()), "PYSPARK_PYTHON": sys.executable}
-        try:
-            proc = subprocess.run(
-                [
-                    str(spark_home() / "bin" / "spark-submit"),
-                    "--packages",
-                    coordinate,
-                    "--conf",
-                    f"spark.jars.ivy={ivy}",
-                    str(noop),
-                ],
-                env=env,
-                cwd=tmp,
-                capture_output=True,
-                text=True,
-                timeout=900,
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise JarsError(
-                f"could not run Spark's resolver for {coordinate}: {exc}",
-                hint=_offline_hint(coordinate),
-            ) from exc
-    if proc.returncode != 0:
-        unresolved = [
-            line.strip()
-            for line in (proc.stdout + proc.stderr).splitlines()
-            if "unresolved dependency" in line or "not found" in line or "Host" in line
-        ]
-        detail = unresolved[-1] if unresolved else f"spark-submit exited {proc.returncode}"
-        raise JarsError(
-            f"could not download the Delta Lake JARs {coordinate} from Maven Central ({detail})",
-            hint=_offline_hint(coordinate),
-        )
-    bundled = {_artifact_name(j) for j in (spark_home() / "jars").glob("*.jar")}
-    # Spark ships newer Hadoop/Parquet/Jackson than Delta's POM asks for; keep Spark's copies.
-    wanted = [j for j in sorted((ivy / "jars").glob("*.jar")) if _artifact_name(j) not in bundled]
-    if not any(_artifact_name(j) == coordinate.split(":")[1] for j in wanted):
-        raise JarsError(
-            f"Spark's resolver finished but {coordinate} is not in {ivy / 'jars'}",
-            hint=_offline_hint(coordinate),
-        )
-    cached.mkdir(parents=True, exist_ok=True)
-    for jar in wanted:
-        shutil.copy2(jar, cached / jar.name)
-    manifest.write_text(json.dumps([j.name for j in wanted], indent=1))
-    progress(f"Resolved {len(wanted)} JARs in {time.monotonic() - started:.1f}s")
-    return [cached / j.name for j in wanted]
-
-
 # --------------------------------------------------------------------------- the server
 
 
 #: The engine JVM's heap. Spark spills what does not fit, so the heap sets speed, not size
-#: limits. Measured at 2M rows (the four notebooks one after another, then from four threads, on
-#: this 2-core machine): 1g ran 88 s / 77 s with the JVM at 1.85 GB PSS; 2g ran 84 s / 70 s at
-#: 2.8 GB. 1g keeps a laptop's engine small; raise it for tens of millions of rows.
+#: limits; 1g keeps a laptop's engine small (raise it for tens of millions of rows).
 DEFAULT_MEMORY = "1g"
 
 
@@ -273,8 +136,7 @@ class EngineConfig:
             "spark.databricks.delta.snapshotPartitions": "4",
             # MERGE reads its source twice (find the touched files, then write); materializing
             # it once (on disk, Delta's default storage level for this) saves recomputing the
-            # deduplicating window. Measured at 2M rows, the four notebooks one after another on
-            # a quiet engine: 95 s with "none", 62 s with "all".
+            # deduplicating window.
             "spark.databricks.delta.merge.materializeSource": "all",
             # INFO logging of every gRPC call costs measurable time on small jobs.
             "spark.log.level": "WARN",
@@ -331,7 +193,7 @@ def status(config: EngineConfig | None = None) -> dict:
     config = config or EngineConfig.from_env()
     state = _read_state(config) or {}
     pid = state.get("pid")
-    running = bool(pid) and _pid_alive(pid) and _port_open(config.host, state.get("port", 0))
+    running = pid is not None and _pid_alive(pid) and _port_open(config.host, state.get("port", 0))
     return {
         "running": running,
         "pid": pid if running else None,
@@ -366,11 +228,11 @@ def start(config: EngineConfig | None = None, progress: Progress | None = None) 
                 f"NBPIPELINE_HOME)",
                 hint="set NBPIPELINE_ENGINE_PORT to a free port, or stop that program",
             )
-        jars = resolve_jars(progress)
+        jar_paths = jars.resolve_jars(progress)
         logfile = config.state_dir / "server.log"
         (config.state_dir / "tmp").mkdir(exist_ok=True)
         cmd = [
-            str(spark_home() / "bin" / "spark-submit"),
+            str(jars.spark_home() / "bin" / "spark-submit"),
             "--class",
             "org.apache.spark.sql.connect.service.SparkConnectServer",
             "--name",
@@ -380,14 +242,14 @@ def start(config: EngineConfig | None = None, progress: Progress | None = None) 
             "--driver-memory",
             config.driver_memory,
             "--jars",
-            ",".join(str(j) for j in jars),
+            ",".join(str(j) for j in jar_paths),
         ]
         for key, value in config.spark_conf().items():
             cmd += ["--conf", f"{key}={value}"]
         cmd.append("spark-internal")
         env = {
             **os.environ,
-            "SPARK_HOME": str(spark_home()),
+            "SPARK_HOME": str(jars.spark_home()),
             "PYSPARK_PYTHON": sys.executable,
             # glibc gives each thread that mallocs its own arena; the server's many gRPC and task
             # threads then hold hundreds of MB outside the heap. Two arenas are plenty here.
@@ -521,7 +383,7 @@ def get_spark(
         if _session_alive(cached):
             return cached
         # A session other processes share is left to them: close only this client.
-        cached.release_session_on_close = not session_id
+        cached.release_session_on_close = not session_id  # type: ignore[attr-defined]
         with contextlib.suppress(Exception):
             cached.stop()
         _sessions.pop(url, None)
@@ -545,7 +407,8 @@ def get_spark(
         if refused is not None:
             raise refused from None
         raise EngineError(
-            f"cannot connect to the Spark engine at {redact(url)}: {grpc_summary(exc)[:300]}",
+            f"cannot connect to the Spark engine at {redact(url)}: "
+            f"{reachability.grpc_summary(exc)[:300]}",
             hint="check NBPIPELINE_SPARK_REMOTE, or unset it to use the local engine"
             if remote or os.environ.get("NBPIPELINE_SPARK_REMOTE")
             else "run `nbpipeline engine status`; its log says why the engine does not answer",
@@ -589,7 +452,7 @@ def classic_session(
     os.environ.pop("SPARK_CONNECT_MODE_ENABLED", None)
     os.environ.pop("SPARK_REMOTE", None)
     config = EngineConfig.from_env()
-    jars = resolve_jars(progress)
+    jar_paths = jars.resolve_jars(progress)
     conf = config.spark_conf()
     for key in list(conf):
         if key.startswith(("spark.connect.", "spark.hadoop.javax.jdo", "spark.driver.extraJava")):
@@ -600,7 +463,7 @@ def classic_session(
         SparkSession.builder.master(f"local[{cores}]")
         .appName("nbpipeline-per-process")
         .config("spark.driver.memory", driver_memory)
-        .config("spark.jars", ",".join(str(j) for j in jars))
+        .config("spark.jars", ",".join(str(j) for j in jar_paths))
     )
     for key, value in conf.items():
         builder = builder.config(key, value)
@@ -609,7 +472,7 @@ def classic_session(
 
 # pyspark's default retries a lost server for ten minutes; a local engine that went away should
 # be reported within seconds. ~30 s of retries still rides out a busy server.
-RETRY_POLICY = {
+CONNECT_RETRY_POLICY: dict[str, Any] = {
     "max_retries": 8,
     "backoff_multiplier": 2.0,
     "initial_backoff": 200,
@@ -630,7 +493,7 @@ def _bound_retries(session: SparkSession, engine_pid: int | None = None) -> None
             return super().can_retry(e)
 
     with contextlib.suppress(AttributeError):  # a classic session has no gRPC client
-        session.client.set_retry_policies([_EnginePolicy(**RETRY_POLICY)])
+        session.client.set_retry_policies([_EnginePolicy(**CONNECT_RETRY_POLICY)])
 
 
 def local_engine_pid(remote: str | None = None) -> int | None:
@@ -645,25 +508,13 @@ def engine_alive(pid: int) -> bool:
     return _pid_alive(pid)
 
 
-def grpc_summary(error: BaseException) -> str:
-    """`UNAVAILABLE: failed to connect ...` from a gRPC error's text, whose first line only
-    says `<_MultiThreadedRendezvous of RPC that terminated with:`; else the first line."""
-    text = str(error)
-    status = re.search(r"status = StatusCode\.(\w+)", text)
-    details = re.search(r'details = "([^"]*)"', text)
-    if status:
-        return status.group(1) + (f": {details.group(1)}" if details else "")
-    lines = text.strip().splitlines()
-    return lines[0] if lines else type(error).__name__
-
-
 def went_away(pid: int, what: str, error: BaseException) -> EngineGoneError:
     """The error for a local engine that died under a running notebook: says so in one line,
     with the client's own first line (e.g. gRPC UNAVAILABLE) as the detail."""
     config = EngineConfig.from_env()
     return EngineGoneError(
         f"{what}: the local engine went away (process {pid} ended; client saw: "
-        f"{grpc_summary(error)[:200]})",
+        f"{reachability.grpc_summary(error)[:200]})",
         hint=(
             "the next run starts it again, or run `nbpipeline engine start`; "
             f"its log is {config.state_dir / 'server.log'}"

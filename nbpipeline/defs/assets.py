@@ -16,15 +16,18 @@ import datetime as dt
 import functools
 import warnings
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 import pydantic
 from pydantic import Field
 
 from nbpipeline import settings
-from nbpipeline.backends.base import NOTEBOOK_NAMES, NotebookBackend, NotebookRun
-from nbpipeline.checks import check_results, check_specs
+from nbpipeline.backend import NOTEBOOK_NAMES, NotebookBackend, NotebookResult
+from nbpipeline.defs.checks import check_results, check_specs
+from nbpipeline.defs.metadata import table_metadata
+from nbpipeline.defs.source import SOURCE_TABLE_ENV
+from nbpipeline.defs.tags import SOURCE_VERSION_TAG, SOURCE_VERSIONS_TAG
 from nbpipeline.errors import (
     ConfigError,
     EngineError,
@@ -33,11 +36,9 @@ from nbpipeline.errors import (
     NbPipelineError,
     NotebookError,
 )
-from nbpipeline.metadata import table_metadata
+from nbpipeline.local.runtime import declared_widgets
 from nbpipeline.redact import redact, scrub
-from nbpipeline.runtime import declared_widgets
-from nbpipeline.source import SOURCE_TABLE_ENV
-from nbpipeline.tables import OUTPUT_KEYS, OUTPUT_TABLES
+from nbpipeline.tables import OUTPUT_KEYS, OUTPUT_TABLES, OUTPUTS, notebook_tables, pool_name
 from nbpipeline.widgets import (
     WIDGET_DESCRIPTIONS,
     format_timestamp,
@@ -48,54 +49,13 @@ from nbpipeline.widgets import (
 GROUP = "nbpipeline"
 KINDS = {"spark", "delta"}
 ORDERS_KEY = dg.AssetKey("orders")
-MODE_TAG = "nbpipeline/mode"
-#: The source version a run reads: set at launch (the source-version sensor, the bench) or by
-#: the run's first step to finish.
-SOURCE_VERSION_TAG = "nbpipeline/source_version"
-# Set only if the steps of one run read different source versions, which the run-wide version
-# resolution (`run_source_version`) prevents.
-SOURCE_VERSIONS_TAG = "nbpipeline/source_versions"
 DEFAULT_TIMEOUT_SECONDS = 3600
 
 #: A bounded retry for transient failures (engine restart, Delta commit conflict, network).
 #: Bad parameters and data errors are raised as `dg.Failure(allow_retries=False)` instead.
-RETRY_POLICY = dg.RetryPolicy(
+STEP_RETRY_POLICY = dg.RetryPolicy(
     max_retries=3, delay=2.0, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
 )
-
-TABLE_DESCRIPTIONS: dict[str, str] = {
-    "daily_sales": (
-        "One row per (order_date, region) with counted orders: orders, returned orders, and "
-        "units / gross / net revenue of revenue-bearing orders. Written by Notebook1."
-    ),
-    "customer_summary": (
-        "One row per customer with counted orders: order count, first / last order, lifetime "
-        "value and favourite category. Written by Notebook2."
-    ),
-    "product_performance": (
-        "One row per product with counted orders: category, orders, units sold, net revenue and "
-        "return rate. Written by Notebook3."
-    ),
-    "order_facts": (
-        "One row per valid, deduplicated order (all statuses) with its derived amounts. Written "
-        "by Notebook4."
-    ),
-    "high_value_orders": (
-        "Revenue-bearing orders whose net amount is at least high_value_threshold. Written by "
-        "Notebook4."
-    ),
-}
-
-
-def pool_name(notebook: str) -> str:
-    """The concurrency pool of a notebook step. Each table is written by exactly one notebook,
-    so one pool per notebook (limit 1) means no two runs MERGE the same table at once."""
-    return f"nbpipeline/{notebook}"
-
-
-def notebook_tables(notebook: str) -> list[str]:
-    """The output tables a notebook writes, in the contract's order."""
-    return [name for name, nb in OUTPUT_TABLES.items() if nb == notebook]
 
 
 @functools.cache
@@ -121,7 +81,9 @@ class NotebookConfig(dg.Config):
     """
 
     # `timeout_seconds: int` is declared per notebook, after the widgets, so the launchpad
-    # lists the widgets first.
+    # lists the widgets first; this declaration is for the type checker only.
+    if TYPE_CHECKING:
+        timeout_seconds: int
 
     def widget_values(self) -> dict[str, str]:
         """The widget parameters to pass to the notebook (every field but the timeout)."""
@@ -145,7 +107,7 @@ def _config_class(notebook: str) -> type[NotebookConfig]:
             description="Seconds before the notebook run is cancelled and the step fails.",
         ),
     )
-    return pydantic.create_model(  # type: ignore[call-overload]
+    return pydantic.create_model(
         f"{notebook}Config",
         __base__=NotebookConfig,
         __doc__=f"Widget values for {notebook} and its timeout.",
@@ -245,7 +207,7 @@ def _failure(notebook: str, exc: Exception) -> dg.Failure:
 # --------------------------------------------------------------------------- notebook steps
 
 
-def _tag_source_version(context: dg.AssetExecutionContext, run: NotebookRun) -> None:
+def _tag_source_version(context: dg.AssetExecutionContext, run: NotebookResult) -> None:
     """Tag the run with the source version its notebooks read, so runs on the same input pair up.
 
     The first step to finish sets `nbpipeline/source_version` unless the launch set it; a step
@@ -339,7 +301,7 @@ def execute_notebook_step(
         # Dagster's retry event carries the full error; this line says why, in one line, in the
         # run's log and `nbpipeline run`'s progress.
         attempt = context.retry_number + 1
-        left = RETRY_POLICY.max_retries - context.retry_number
+        left = STEP_RETRY_POLICY.max_retries - context.retry_number
         text = redact(str(exc)).strip()
         detail = text.splitlines()[0] if text else type(exc).__name__
         context.log.warning(
@@ -375,7 +337,7 @@ def _notebook_assets(notebook: str) -> dg.AssetsDefinition:
         dg.AssetSpec(
             key=name,
             deps=[ORDERS_KEY],
-            description=TABLE_DESCRIPTIONS[name],
+            description=OUTPUTS[name].description,
             kinds=KINDS,
             group_name=GROUP,
             metadata={"notebook": notebook, "key_columns": ", ".join(OUTPUT_KEYS[name])},
@@ -399,7 +361,7 @@ def _notebook_assets(notebook: str) -> dg.AssetsDefinition:
         description=f"Runs notebooks/{notebook}.py and MERGEs {', '.join(notebook_tables(notebook))}.",
         check_specs=check_specs(notebook),
         pool=pool_name(notebook),
-        retry_policy=RETRY_POLICY,
+        retry_policy=STEP_RETRY_POLICY,
     )(_step)
 
 
@@ -425,7 +387,7 @@ ORDERS_DESCRIPTION = (
 def _observe_orders(
     context: dg.AssetExecutionContext, notebook_backend: NotebookBackend
 ) -> Iterator[dg.ObserveResult]:
-    from nbpipeline.source import configured_source_table, observe_with_backend
+    from nbpipeline.defs.source import configured_source_table, observe_with_backend
 
     try:
         state = observe_with_backend(notebook_backend, configured_source_table())

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nbpipeline.assets import MODE_TAG, SOURCE_VERSION_TAG  # the tags the jobs' runs carry
+from nbpipeline.defs.tags import MODE_TAG, SOURCE_VERSION_TAG  # the tags the jobs' runs carry
 from nbpipeline.errors import ConfigError
 
 #: Core counts `what_if` estimates the parallel job's wall time for.
@@ -77,7 +77,9 @@ class RunTiming:
     def busy_s(self) -> float:
         """Length of the union of the step intervals."""
         spans = sorted((s.start_offset_s, s.start_offset_s + s.duration_s) for s in self.steps)
-        total, cur_start, cur_end = 0.0, None, None
+        total = 0.0
+        cur_start: float = 0.0
+        cur_end: float | None = None
         for start, end in spans:
             if cur_end is None or start > cur_end:
                 if cur_end is not None:
@@ -120,8 +122,8 @@ def step_costs(instance: Any, timing: RunTiming) -> list[StepCost]:
     runs from before nbpipeline recorded them)."""
     import dagster as dg
 
-    from nbpipeline.backends.local import CLIENT_CPU_KEY, ENGINE_CORES_KEY, ENGINE_CPU_KEY
-    from nbpipeline.metadata import metadata_value
+    from nbpipeline.defs.metadata import metadata_value
+    from nbpipeline.local.backend import CLIENT_CPU_KEY, ENGINE_CORES_KEY, ENGINE_CPU_KEY
 
     recorded: dict[str, tuple[float, int]] = {}
     for entry in instance.all_logs(
@@ -220,7 +222,7 @@ class Comparison:
     @property
     def parallelism(self) -> int:
         """How many steps could run at once: the notebook steps (check steps excluded)."""
-        from nbpipeline.backends.base import NOTEBOOK_NAMES
+        from nbpipeline.backend import NOTEBOOK_NAMES
 
         notebooks = {s.step for s in self.parallel.steps if s.step in NOTEBOOK_NAMES}
         return len(notebooks) or max(len(self.parallel.steps), 1)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from nbpipeline.errors import ConfigError, NotebookError
-from nbpipeline.runtime.dbutils import DBUtils, NotebookExit, display, displayHTML
+from nbpipeline.local.runtime.dbutils import DBUtils, NotebookExit, display, displayHTML
 
 HEADER = "# Databricks notebook source"
 SEPARATOR = "# COMMAND ----------"
@@ -66,7 +66,7 @@ def parse_notebook(path: str | Path) -> list[Cell]:
             f"not a Databricks source notebook (first line must be '{HEADER}')", notebook=str(path)
         )
     cells: list[Cell] = []
-    start, chunk = 2, []
+    start, chunk = 2, list[str]()
     for number, line in enumerate(lines[1:], start=2):
         if line.strip() == SEPARATOR:
             cells.append(_make_cell(path, len(cells) + 1, start, chunk))
@@ -170,9 +170,10 @@ def declared_widgets(path: str | Path) -> dict[str, str]:
                 and isinstance(owner, ast.Attribute)
                 and owner.attr == "widgets"
                 and len(node.args) >= 2
-                and all(isinstance(a, ast.Constant) for a in node.args[:2])
+                and isinstance(name := node.args[0], ast.Constant)
+                and isinstance(default := node.args[1], ast.Constant)
             ):
-                widgets[str(node.args[0].value)] = str(node.args[1].value)
+                widgets[str(name.value)] = str(default.value)
     return widgets
 
 
@@ -253,7 +254,7 @@ def run_notebook(
                 f"it declares: {', '.join(sorted(known)) or 'none'}"
             )
     if timeout_seconds:
-        from nbpipeline.runtime.dbutils import run_with_timeout
+        from nbpipeline.local.runtime.dbutils import run_with_timeout
 
         return run_with_timeout(
             lambda: _execute(path, cells, params, spark), spark, timeout_seconds, str(path)
@@ -287,7 +288,12 @@ def _active_session(spark: Any) -> Iterator[None]:
 
 
 def _execute_cells(path: Path, cells: list[Cell], params: dict[str, str], spark: Any) -> str | None:
-    dbutils = DBUtils(params, notebook_path=path, spark=spark)
+    def run_child(ref: str, args: dict[str, str], timeout: float | None) -> str | None:
+        # Databricks ignores arguments a child does not declare; so do we.
+        target = _resolve_notebook(path, ref)
+        return run_notebook(target, args, spark=spark, timeout_seconds=timeout, strict=False)
+
+    dbutils = DBUtils(params, run_child=run_child)
     namespace: dict[str, Any] = {
         "__name__": "__main__",
         "spark": spark,

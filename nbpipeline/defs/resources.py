@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from nbpipeline.backends.base import NotebookBackend
+from nbpipeline.backend import NotebookBackend
 from nbpipeline.errors import ConfigError
 
 BACKEND_ENV = "NBPIPELINE_BACKEND"
@@ -42,7 +42,7 @@ def build_backend(name: str | None = None) -> NotebookBackend:
 
         return DatabricksNotebookBackend.from_env()
     if name == "local":
-        from nbpipeline.backends.local import LocalNotebookBackend
+        from nbpipeline.local.backend import LocalNotebookBackend
 
         return LocalNotebookBackend()
     raise ConfigError(
@@ -76,8 +76,8 @@ def spark_session(backend: NotebookBackend) -> Any:
     The local backend gives its own engine. Other backends have no Spark session of their own;
     NBPIPELINE_SPARK_REMOTE (a Spark Connect URL onto the same catalog) then supplies one.
     """
-    from nbpipeline import engine
-    from nbpipeline.backends.local import LocalNotebookBackend
+    from nbpipeline.local import engine
+    from nbpipeline.local.backend import LocalNotebookBackend
 
     if isinstance(backend, LocalNotebookBackend):
         return engine.get_spark(backend.spark_remote)

@@ -14,11 +14,12 @@ import dagster as dg
 import psutil
 from pydantic import Field, PrivateAttr, field_validator
 
-from nbpipeline import engine, settings
-from nbpipeline.backends.base import NOTEBOOK_NAMES, NotebookBackend, NotebookRun, parse_exit_value
+from nbpipeline import settings
+from nbpipeline.backend import NOTEBOOK_NAMES, NotebookBackend, NotebookResult, parse_exit_value
 from nbpipeline.errors import ConfigError
+from nbpipeline.local import engine
+from nbpipeline.local.runtime import run_notebook
 from nbpipeline.redact import redact
-from nbpipeline.runtime import run_notebook
 
 #: Step metadata: the engine's CPU seconds while the step ran, the cores it could use, and the
 #: step process's own CPU seconds (read back by `nbpipeline compare` for its what-if estimates).
@@ -87,7 +88,7 @@ class LocalNotebookBackend(NotebookBackend):
         *,
         timeout_seconds: int = 3600,
         log: logging.Logger | None = None,
-    ) -> NotebookRun:
+    ) -> NotebookResult:
         path = self.notebook_path(notebook)
         started = time.time()
         session_id = run_session_id(self._run_id) if self._run_id else None
@@ -108,7 +109,7 @@ class LocalNotebookBackend(NotebookBackend):
         # What the step cost in CPU: the engine's (while the step ran; in a run whose steps
         # overlap it includes the others' work) and this process's (the notebook's Python).
         after = _cpu_seconds(pid)
-        if engine_cpu is not None and after is not None:
+        if pid is not None and engine_cpu is not None and after is not None:
             run.extra[ENGINE_CPU_KEY] = round(after - engine_cpu, 3)
             run.extra[ENGINE_CORES_KEY] = _engine_cores(pid)
         run.extra[CLIENT_CPU_KEY] = round(time.process_time() - client_cpu, 3)
@@ -161,11 +162,11 @@ def run_on_session(
     parameters: Mapping[str, str],
     timeout_seconds: int,
     started: float,
-) -> NotebookRun:
+) -> NotebookResult:
     """Run a notebook file through the local runtime on `spark`; shared by every backend that
     executes notebooks in this process (the shared engine's client, or a per-process JVM)."""
     raw = run_notebook(path, parameters, spark=spark, timeout_seconds=timeout_seconds)
-    return NotebookRun(
+    return NotebookResult(
         notebook=notebook,
         location=str(path),
         backend=backend.backend_name,

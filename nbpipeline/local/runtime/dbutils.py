@@ -12,7 +12,6 @@ import contextlib
 import threading
 import uuid
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any, TypeVar
 
 from nbpipeline.errors import NotebookTimeout
@@ -104,12 +103,17 @@ class WidgetsUtils:
         self._widgets.clear()
 
 
+#: Runs a child notebook (`dbutils.notebook.run`): (path as written, arguments, timeout seconds
+#: or None) -> its exit value. The notebook runner supplies it, so this module needs no import of
+#: the runner.
+ChildRunner = Callable[[str, dict[str, str], float | None], str | None]
+
+
 class NotebookUtils:
     """`dbutils.notebook`: exit with a value, or run another notebook and get its value."""
 
-    def __init__(self, notebook_path: Path, spark: Any) -> None:
-        self._path = notebook_path
-        self._spark = spark
+    def __init__(self, run_child: ChildRunner) -> None:
+        self._run_child = run_child
 
     def exit(self, value: Any) -> None:
         raise NotebookExit(str(value))
@@ -120,22 +124,16 @@ class NotebookUtils:
         timeout_seconds: int = 0,
         arguments: Mapping[str, Any] | None = None,
     ) -> str | None:
-        from nbpipeline.runtime.notebook import _resolve_notebook, run_notebook
-
-        target = _resolve_notebook(self._path, path)
         args = {str(k): str(v) for k, v in (arguments or {}).items()}
-        # Databricks ignores arguments a child does not declare; so do we.
-        return run_notebook(
-            target, args, spark=self._spark, timeout_seconds=timeout_seconds or None, strict=False
-        )
+        return self._run_child(path, args, timeout_seconds or None)
 
 
 class DBUtils:
     """The `dbutils` object injected into a locally run notebook."""
 
-    def __init__(self, arguments: Mapping[str, str], *, notebook_path: Path, spark: Any) -> None:
+    def __init__(self, arguments: Mapping[str, str], *, run_child: ChildRunner) -> None:
         self.widgets = WidgetsUtils(arguments)
-        self.notebook = NotebookUtils(notebook_path, spark)
+        self.notebook = NotebookUtils(run_child)
 
 
 def display(obj: Any, *args: Any, **kwargs: Any) -> None:

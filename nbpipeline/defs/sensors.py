@@ -16,12 +16,12 @@ from typing import Any
 
 import dagster as dg
 
-from nbpipeline.assets import MODE_TAG, SOURCE_VERSION_TAG, op_config
-from nbpipeline.backends.base import NOTEBOOK_NAMES, NotebookBackend
+from nbpipeline.backend import NOTEBOOK_NAMES, NotebookBackend
+from nbpipeline.defs.assets import op_config
+from nbpipeline.defs.source import configured_source_table, observe_with_backend
+from nbpipeline.defs.tags import MODE_TAG, PARALLEL_JOB, SEQUENTIAL_JOB, SOURCE_VERSION_TAG
 from nbpipeline.errors import ConfigError
-from nbpipeline.jobs import PARALLEL_JOB, SEQUENTIAL_JOB
 from nbpipeline.settings import DEFAULT_SOURCE_TABLE
-from nbpipeline.source import configured_source_table, observe_with_backend
 
 SENSOR_NAME = "source_version_sensor"
 #: How often the daemon may evaluate the sensor (each evaluation reads the Delta log once).
@@ -42,7 +42,7 @@ def run_key(table: str, version: int | str) -> str:
 
 def _run_source(run: dg.DagsterRun) -> str:
     """The source table a notebook run reads (its run config, else the notebooks' default)."""
-    ops = (run.run_config or {}).get("ops", {})
+    ops: Any = (run.run_config or {}).get("ops", {})
     for notebook in NOTEBOOK_NAMES:
         table = ops.get(notebook, {}).get("config", {}).get("source_table")
         if table:

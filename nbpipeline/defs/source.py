@@ -47,7 +47,7 @@ class SourceState:
         """Observation metadata, with Dagster's standard keys where there is one."""
         import dagster as dg
 
-        from nbpipeline.metadata import ROW_COUNT_KEY, TABLE_KEY, URI_KEY
+        from nbpipeline.defs.metadata import ROW_COUNT_KEY, TABLE_KEY, URI_KEY
 
         out: dict[str, Any] = {
             "delta_version": self.version,
@@ -66,7 +66,7 @@ def observe_source(spark: Any, table: str) -> SourceState:
 
     A missing table is a ConfigError naming it; nothing is written.
     """
-    from nbpipeline import seed
+    from nbpipeline.local import seed
     from nbpipeline.tables import table_location
 
     ref = parse_table(table, what="source_table")
@@ -101,7 +101,7 @@ def observe_with_backend(backend: Any, table: str) -> SourceState:
     The Databricks backend runs notebooks only and has no Spark session of its own; without
     NBPIPELINE_SPARK_REMOTE this is a ConfigError saying so (never a made-up version).
     """
-    from nbpipeline.resources import spark_session
+    from nbpipeline.defs.resources import spark_session
 
     try:
         spark = spark_session(backend)

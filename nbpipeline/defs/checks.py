@@ -17,13 +17,15 @@ from typing import Any
 
 import dagster as dg
 
-from nbpipeline.metadata import metadata_value
-from nbpipeline.tables import OUTPUT_TABLES
-
-UNIQUE_KEYS = "unique_keys"
-NO_NEGATIVE_REVENUE = "no_negative_revenue"
-MATCHES_SOURCE = "row_count_matches_source"
-SUBSET_OF_ORDER_FACTS = "subset_of_order_facts"
+from nbpipeline.defs.metadata import metadata_value
+from nbpipeline.tables import (
+    MATCHES_SOURCE,
+    NO_NEGATIVE_REVENUE,
+    OUTPUT_TABLES,
+    OUTPUTS,
+    SUBSET_OF_ORDER_FACTS,
+    UNIQUE_KEYS,
+)
 
 CHECK_DESCRIPTIONS = {
     UNIQUE_KEYS: "Each key occurs once.",
@@ -51,12 +53,7 @@ _SEVERITIES = {"ERROR": dg.AssetCheckSeverity.ERROR, "WARN": dg.AssetCheckSeveri
 
 def check_names(asset: str) -> list[str]:
     """The checks defined on an output table."""
-    names = [UNIQUE_KEYS, NO_NEGATIVE_REVENUE]
-    if asset == "order_facts":
-        names.append(MATCHES_SOURCE)
-    if asset == "high_value_orders":
-        names.append(SUBSET_OF_ORDER_FACTS)
-    return names
+    return list(OUTPUTS[asset].checks)
 
 
 def check_specs(notebook: str) -> list[dg.AssetCheckSpec]:

@@ -1,96 +1,31 @@
-"""`nbpipeline run sequential|parallel` and `nbpipeline ui`: the Dagster jobs from the shell.
+"""Running the pipeline's Dagster jobs in this process: run config, launch, progress, result.
 
-`run` executes a job against the same Dagster instance the UI reads (DAGSTER_HOME, or
-`$NBPIPELINE_HOME/dagster_home`), prints each step's progress to stderr as it happens (read from
-the instance's event log by a second thread, since the job runs in this thread), then the run id
-on stdout. It exits 1 with the failing step's error when the run fails, 2 on bad input (before
-anything is launched). `ui` runs `dagster dev` in the project root on that same instance.
+Used by `nbpipeline run`, the bench and the load test. A job runs against the same Dagster
+instance the UI reads; its step events are printed as they happen by a second thread reading the
+instance's event log, since the job runs in the caller's thread.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nbpipeline.defs.tags import LAUNCH_TAG, LAUNCHED_BY_TAG
 from nbpipeline.errors import ConfigError
+from nbpipeline.progress import progress
 
 if TYPE_CHECKING:
     import dagster as dg
 
-LAUNCH_TAG = "nbpipeline/launch_id"
 #: Rows seeded when `nbpipeline run` finds no source table yet: enough for the notebooks to do
 #: real work, small enough for a laptop's first run (NBPIPELINE_FIRST_RUN_ROWS overrides).
 FIRST_RUN_ROWS = 100_000
 FIRST_RUN_ROWS_ENV = "NBPIPELINE_FIRST_RUN_ROWS"
-LAUNCHED_BY_TAG = "nbpipeline/launched_by"
 _POLL_SECONDS = 0.5
-
-
-def _progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)  # noqa: T201 - CLI output
-
-
-def add_subcommands(subparsers: Any) -> None:
-    """Add `run` and `ui` to the main CLI's subparsers action."""
-    from nbpipeline.settings import DEFAULT_SOURCE_TABLE
-
-    p = subparsers.add_parser(
-        "run",
-        help="run the four notebooks as a Dagster job (sequential or parallel)",
-        description=(
-            "Run the sequential_notebooks or parallel_notebooks job on the Dagster instance the "
-            "UI reads (DAGSTER_HOME, else $NBPIPELINE_HOME/dagster_home). Prints step progress "
-            "to stderr and the run id to stdout; exits 1 if the run fails."
-        ),
-    )
-    p.add_argument("mode", choices=["sequential", "parallel"], help="which job to run")
-    p.add_argument(
-        "--source",
-        metavar="TABLE",
-        help=f"source table for every notebook (default {DEFAULT_SOURCE_TABLE})",
-    )
-    p.add_argument(
-        "--param",
-        action="append",
-        metavar="KEY=VALUE",
-        help="notebook widget value, given to every notebook that declares it (repeatable)",
-    )
-    p.add_argument(
-        "--max-concurrent",
-        type=int,
-        metavar="N",
-        help="parallel: steps at once (default $NBPIPELINE_MAX_CONCURRENT or 4)",
-    )
-    p.add_argument(
-        "--timeout", type=int, metavar="SECONDS", help="per-notebook timeout (default 3600)"
-    )
-    p.add_argument(
-        "--dagster-log",
-        action="store_true",
-        help="also print Dagster's own event log lines (DEBUG level) to stderr",
-    )
-    p.set_defaults(func=cmd_run)
-
-    p = subparsers.add_parser(
-        "ui",
-        help="start the Dagster UI (dagster dev) on the same instance as `nbpipeline run`",
-    )
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=3000, help="port (default 3000)")
-    p.set_defaults(func=cmd_ui)
-
-
-# --------------------------------------------------------------------------- run
 
 
 def build_run_config(
@@ -102,8 +37,8 @@ def build_run_config(
     timeout_seconds: int | None = None,
 ) -> dict[str, Any]:
     """Run config for `mode` from CLI options; bad or unknown values raise ConfigError."""
-    from nbpipeline.assets import op_config
-    from nbpipeline.jobs import parallel_execution_config
+    from nbpipeline.defs.assets import op_config
+    from nbpipeline.defs.jobs import parallel_execution_config
 
     params = dict(params or {})
     if source is not None:
@@ -126,7 +61,7 @@ def build_run_config(
     return run_config
 
 
-def _first_line(text: str | None) -> str:
+def first_line(text: str | None) -> str:
     lines = [ln for ln in (text or "").strip().splitlines() if ln.strip()]
     return lines[0] if lines else ""
 
@@ -135,15 +70,15 @@ def step_error(event: dg.DagsterEvent) -> str:
     """The one-line reason of a STEP_FAILURE event (a dg.Failure's description if it has one)."""
     data = event.step_failure_data
     if data is None:
-        return _first_line(event.message)
+        return first_line(event.message)
     if data.user_failure_data is not None and data.user_failure_data.description:
-        return _first_line(data.user_failure_data.description)
+        return first_line(data.user_failure_data.description)
     error = data.error
     # Errors raised in the step are wrapped ("Error occurred while executing op ..."): the
     # user's exception is the cause.
     while error is not None and error.cause is not None and "Error occurred while" in error.message:
         error = error.cause
-    return _first_line(error.message if error is not None else event.message)
+    return first_line(error.message if error is not None else event.message)
 
 
 class ProgressPrinter(threading.Thread):
@@ -152,7 +87,7 @@ class ProgressPrinter(threading.Thread):
     The run is found by its launch tag (the run id is only known once `execute_job` created it).
     """
 
-    def __init__(self, launch_id: str, out: Callable[[str], None] = _progress) -> None:
+    def __init__(self, launch_id: str, out: Callable[[str], None] = progress) -> None:
         super().__init__(name="nbpipeline-progress", daemon=True)
         self.launch_id = launch_id
         self.out = out
@@ -220,7 +155,7 @@ class ProgressPrinter(threading.Thread):
         elif kind == dg.DagsterEventType.STEP_FAILURE:
             self.out(f"{now} {step}: FAILED: {step_error(event)}")
         elif kind == dg.DagsterEventType.STEP_UP_FOR_RETRY:
-            self.out(f"{now} {step}: failed, will retry: {_first_line(event.message)}")
+            self.out(f"{now} {step}: failed, will retry: {first_line(event.message)}")
         elif kind == dg.DagsterEventType.STEP_SKIPPED:
             self.out(f"{now} {step}: skipped")
         elif kind == dg.DagsterEventType.ASSET_MATERIALIZATION:
@@ -264,7 +199,7 @@ def first_run_rows() -> int:
 
 
 def ensure_source(
-    spark: Any, table: str, *, rows: int, out: Callable[[str], None] = _progress
+    spark: Any, table: str, *, rows: int, out: Callable[[str], None] = progress
 ) -> bool:
     """Seed `table` with `rows` synthetic orders if it does not exist; True if it seeded.
 
@@ -272,7 +207,7 @@ def ensure_source(
     `nbpipeline seed` step. An existing table, even an empty one, is never touched; the table
     created here carries the demo mark, so `nbpipeline seed` may later change it.
     """
-    from nbpipeline import seed
+    from nbpipeline.local import seed
 
     if spark.catalog.tableExists(table):
         return False
@@ -282,17 +217,17 @@ def ensure_source(
     return True
 
 
-def _seed_default_source_if_missing(run_config: dict[str, Any] | None) -> None:
+def seed_default_source_if_missing(run_config: dict[str, Any] | None) -> None:
     """Before a run (or the UI) on the local engine with the default source: seed it if missing.
 
     Only the default source is seeded: a table the user named (in the run config, or
     NBPIPELINE_SOURCE_TABLE for the UI) is theirs, and a missing one is reported by the notebooks
     as the step's error. `run_config=None` stands for the UI's defaults.
     """
-    from nbpipeline import engine
-    from nbpipeline.resources import selected_backend
+    from nbpipeline.defs.resources import selected_backend
+    from nbpipeline.defs.source import configured_source_table
+    from nbpipeline.local import engine
     from nbpipeline.settings import DEFAULT_SOURCE_TABLE
-    from nbpipeline.source import configured_source_table
 
     if selected_backend() != "local":
         return
@@ -305,55 +240,16 @@ def _seed_default_source_if_missing(run_config: dict[str, Any] | None) -> None:
     rows = first_run_rows()
     # The engine is started here (and says so) rather than by the first step, so its start-up
     # shows on the terminal instead of inside a step's log.
-    spark = engine.get_spark(progress=_progress)
+    spark = engine.get_spark(progress=progress)
     ensure_source(spark, DEFAULT_SOURCE_TABLE, rows=rows)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from nbpipeline.cli import parse_params
-
-    run_config = build_run_config(
-        args.mode,
-        source=args.source,
-        params=parse_params(args.param),
-        max_concurrent=args.max_concurrent,
-        timeout_seconds=args.timeout,
-    )
-    # Load (and so validate) the definitions first: bad settings (schedule, backend) are refused
-    # before anything is written, the first-run seeding included.
-    from nbpipeline import definitions, reachability
-    from nbpipeline.resources import NOTEBOOK_BACKEND_KEY
-
-    # One reachability check per run, before a run is created or a source seeded: a wrong
-    # address or credential is reported in seconds, and the steps do not each wait it out.
-    reachability.check_backend(definitions.defs.resources[NOTEBOOK_BACKEND_KEY])
-    _seed_default_source_if_missing(run_config)
-    if not args.dagster_log:
-        # The progress lines below say what happened; Dagster's console logger would repeat
-        # every event. The event log (what the UI shows) keeps everything either way.
-        run_config["loggers"] = {"console": {"config": {"log_level": "CRITICAL"}}}
-    result = run_job(args.mode, run_config)
-    print(result["run_id"])  # noqa: T201 - the command's result
-    if not result["success"]:
-        print(f"error: {result['error']}", file=sys.stderr)  # noqa: T201 - CLI output
-        return 1
-    failed = result["failed_checks"]
-    if result["unevaluated_checks"]:
-        unevaluated = result["unevaluated_checks"]
-        _progress(
-            f"note: {len(unevaluated)} asset check(s) not evaluated: {', '.join(unevaluated)}"
-        )
-    if failed:
-        _progress(f"warning: {len(failed)} asset check(s) failed: {', '.join(failed)}")
-    return 0
-
-
-def run_job(
+def run_pipeline_job(
     mode: str,
     run_config: dict[str, Any],
     *,
     tags: dict[str, str] | None = None,
-    out: Callable[[str], None] = _progress,
+    out: Callable[[str], None] = progress,
 ) -> dict[str, Any]:
     """Execute the job of `mode` on the persistent instance, printing progress through `out`.
 
@@ -373,10 +269,10 @@ def run_job_fn(
     run_config: dict[str, Any],
     *,
     tags: dict[str, str] | None = None,
-    out: Callable[[str], None] = _progress,
+    out: Callable[[str], None] = progress,
     op_selection: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Like `run_job`, for any module-level function returning a job (it must be importable,
+    """Like `run_pipeline_job`, for any module-level function returning a job (importable,
     since `dg.reconstructable` rebuilds the job in step processes). `op_selection` runs only
     those steps of the job."""
     import dagster as dg
@@ -411,7 +307,7 @@ def run_job_fn(
                 if e.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION
             ]
     except dg.DagsterInvalidConfigError as exc:
-        raise ConfigError(f"invalid run config: {_first_line(str(exc))}") from None
+        raise ConfigError(f"invalid run config: {first_line(str(exc))}") from None
     finally:
         printer.stop()
     seconds = time.monotonic() - started
@@ -420,7 +316,7 @@ def run_job_fn(
         if failures:
             error = "; ".join(f"step {e.step_key} failed: {step_error(e)}" for e in failures)
         elif run_failure is not None:
-            error = f"run failed: {_first_line(run_failure.message)}"
+            error = f"run failed: {first_line(run_failure.message)}"
         else:
             error = "run failed"
     out(f"Run {run_id} {'succeeded' if success else 'failed'} in {seconds:.1f}s")
@@ -432,48 +328,6 @@ def run_job_fn(
         "unevaluated_checks": [_check_name(c) for c in check_results if not _evaluated(c)],
         "seconds": seconds,
     }
-
-
-# --------------------------------------------------------------------------- ui
-
-
-def cmd_ui(args: argparse.Namespace) -> int:
-    # Load (and so validate) the definitions before anything is written or started.
-    from nbpipeline import definitions  # noqa: F401
-    from nbpipeline.instance import WORKSPACE_YAML, get_instance
-    from nbpipeline.settings import PROJECT_ROOT
-
-    # Creates DAGSTER_HOME if needed and the pools' slots before the UI launches any run.
-    with get_instance(_progress) as instance:
-        home = Path(instance.root_directory)
-    # A newcomer's first click, "Materialize all", then has a source to read.
-    _seed_default_source_if_missing(None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "dagster",
-        "dev",
-        "-w",
-        str(WORKSPACE_YAML),
-        "--host",
-        args.host,
-        "--port",
-        str(args.port),
-    ]
-    _progress(f"Starting the Dagster UI on http://{args.host}:{args.port} (DAGSTER_HOME={home})")
-    # `dagster dev` warns about the dagster.yaml in the project root: that file is the template
-    # copied into DAGSTER_HOME, so the warning is expected.
-    # The project root holds workspace.yaml and is the code location's working directory.
-    proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env={**os.environ, "DAGSTER_HOME": str(home)})
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        # Ctrl-C reached `dagster dev` too (same process group); let it shut down cleanly.
-        try:
-            return proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGTERM)
-            return proc.wait()
 
 
 def _check_name(check: Any) -> str:

@@ -1,0 +1,1 @@
+"""What Dagster shows: assets, checks, jobs, schedules, sensors and their resources."""
