@@ -17,6 +17,7 @@ import pytest
 
 from nbpipeline import comparison
 from nbpipeline.cli import main
+from nbpipeline.databricks.runs import run_timing_from_report
 from nbpipeline.runtime import run_notebook
 from nbpipeline.settings import PROJECT_ROOT, notebooks_dir
 from nbpipeline.tables import OUTPUT_KEYS, OUTPUT_TABLES
@@ -325,7 +326,7 @@ def test_bench_tiny_runs_every_mode(spark, pair, capsys) -> None:
 
 
 def test_databricks_run_records_feed_the_same_comparison() -> None:
-    from nbpipeline.databricks_jobs import JobRunReport, TaskTiming
+    from nbpipeline.databricks.runs import JobRunReport, TaskTiming
 
     def report(mode: str, offsets: list[tuple[float, float]], wall: float) -> JobRunReport:
         tasks = [
@@ -350,12 +351,10 @@ def test_databricks_run_records_feed_the_same_comparison() -> None:
             tasks,
         )
 
-    seq = comparison.timing_from_databricks(
+    seq = run_timing_from_report(
         report("sequential", [(0, 20), (20, 41), (41, 60), (60, 82)], 82.0)
     )
-    par = comparison.timing_from_databricks(
-        report("parallel", [(0, 20), (0, 21), (0, 19), (0, 22)], 22.5)
-    )
+    par = run_timing_from_report(report("parallel", [(0, 20), (0, 21), (0, 19), (0, 22)], 22.5))
     result = comparison.Comparison(seq, par)
     assert seq.queue_s == 3.0 and seq.wall_s == 82.0
     assert [s.duration_s for s in par.steps] == [20, 21, 19, 22]

@@ -29,22 +29,20 @@ except ImportError:  # pragma: no cover - rootdir-relative import
     )
 
 from nbpipeline.backends.base import NOTEBOOK_NAMES
-from nbpipeline.backends.databricks import PollPolicy, make_workspace_client
 from nbpipeline.cli_databricks import add_subcommands
-from nbpipeline.databricks_jobs import (
+from nbpipeline.cron import check_timezone
+from nbpipeline.databricks.client import make_workspace_client
+from nbpipeline.databricks.deploy import deploy, diff_settings, prepared
+from nbpipeline.databricks.jobs import (
     JOB_CLUSTER_KEY,
     JOB_KINDS,
     JOB_NAMES,
     JobOptions,
     build_job_settings,
-    check_timezone,
-    cron_to_quartz,
-    deploy,
-    diff_settings,
-    job_run_report,
-    prepared,
-    run_job,
 )
+from nbpipeline.databricks.polling import PollPolicy
+from nbpipeline.databricks.quartz import cron_to_quartz
+from nbpipeline.databricks.runs import job_run_report, run_deployed_job
 from nbpipeline.errors import ConfigError, NbPipelineError, NotebookError
 
 # ----------------------------------------------------------------------------------------------
@@ -830,7 +828,7 @@ def simulate_comparison(loopback: LoopbackDatabricks, seconds: float) -> dict[st
     """Deploy and run the comparison job with notebooks of `seconds` each; figures vs truth."""
     _short(loopback, seconds)
     _cli("databricks", "deploy", "--layout", "orchestration", "--cron", "0 2 * * *")
-    report = run_job(
+    report = run_deployed_job(
         make_workspace_client(loopback.host, TOKEN),
         "comparison",
         policy=PollPolicy(initial=0.05, maximum=0.5),
@@ -929,7 +927,9 @@ def test_live_diff_reads_every_job_and_the_workspace_copy(capsys) -> None:
 )
 def test_live_comparison_job_reports_child_runs() -> None:
     host = os.environ["DATABRICKS_HOST"]
-    report = run_job(make_workspace_client(host, os.environ["DATABRICKS_TOKEN"]), "comparison")
+    report = run_deployed_job(
+        make_workspace_client(host, os.environ["DATABRICKS_TOKEN"]), "comparison"
+    )
     assert report.succeeded
     seq, par = report.orchestration_parts()
     assert sorted(t.task_key for t in seq.notebook_timings()) == list(NOTEBOOK_NAMES)

@@ -30,7 +30,7 @@ import pytest
 
 from nbpipeline import engine, reachability
 from nbpipeline.backends.base import NotebookBackend
-from nbpipeline.backends.databricks import client_resource_from_env
+from nbpipeline.databricks.client import client_resource_from_env
 from nbpipeline.errors import NotebookError, UnreachableError
 from nbpipeline.settings import PROJECT_ROOT
 from nbpipeline_tests.conftest import _free_port
