@@ -107,11 +107,8 @@ def sync_notebooks(
 ) -> dict[str, str]:
     """Upload each notebook whose workspace copy differs; return {name: uploaded|unchanged}.
 
-    "Differs" is decided by exporting the workspace copy (SOURCE format) and comparing normalized
-    text, not by a hash remembered somewhere. The workspace is the source of truth: a notebook
-    edited in the Databricks UI, or uploaded from another machine or CI, is detected and
-    restored, which a local hash file could not see; and there is no state to lose or go stale.
-    The cost is one small export per notebook per sync, which happens once per Dagster run.
+    "Differs" compares the exported workspace copy with the local text, both normalized, so an
+    edit made in the workspace is restored too (docs/design-notes-B.md says why).
     """
     logger = log or _LOG
     try:
