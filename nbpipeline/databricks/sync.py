@@ -108,7 +108,7 @@ def sync_notebooks(
     """Upload each notebook whose workspace copy differs; return {name: uploaded|unchanged}.
 
     "Differs" compares the exported workspace copy with the local text, both normalized, so an
-    edit made in the workspace is restored too (docs/design-notes-B.md says why).
+    edit made in the workspace (UI, another machine, CI) is detected and restored too.
     """
     logger = log or _LOG
     try:
