@@ -20,8 +20,9 @@ try:  # works whether or not nbpipeline_tests is a package
 except ImportError:  # pragma: no cover - rootdir-relative import
     from databricks_loopback import Behaviour, LoopbackDatabricks  # type: ignore[no-redef]
 
-import nbpipeline.backends.databricks as dbmod
-from nbpipeline.backends.databricks import DatabricksNotebookBackend
+import nbpipeline.databricks.backend as dbmod
+import nbpipeline.databricks.sync as dbmod_sync
+from nbpipeline.databricks.backend import DatabricksNotebookBackend
 
 TOKEN = "dapi-loopback-0123456789abcdef"
 NOTEBOOKS = ("Notebook1", "Notebook2", "Notebook3", "Notebook4")
@@ -84,7 +85,7 @@ def databricks_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     folder = write_notebooks(tmp_path / "notebooks")
     monkeypatch.setenv("NBPIPELINE_NOTEBOOKS_DIR", str(folder))
     # The once-per-process sync cache must not carry over between tests.
-    monkeypatch.setattr(dbmod, "_SYNCED", {})
+    monkeypatch.setattr(dbmod_sync, "_SYNCED", {})
     return folder
 
 

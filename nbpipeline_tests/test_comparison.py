@@ -16,6 +16,7 @@ import dagster as dg
 import pytest
 
 from nbpipeline.cli import main
+from nbpipeline.databricks.runs import run_timing_from_report
 from nbpipeline.local.runtime import run_notebook
 from nbpipeline.perf import comparison
 from nbpipeline.settings import PROJECT_ROOT, notebooks_dir
@@ -326,7 +327,7 @@ def test_bench_tiny_runs_every_mode(spark, pair, capsys) -> None:
 
 
 def test_databricks_run_records_feed_the_same_comparison() -> None:
-    from nbpipeline.databricks_jobs import JobRunReport, TaskTiming
+    from nbpipeline.databricks.runs import JobRunReport, TaskTiming
 
     def report(mode: str, offsets: list[tuple[float, float]], wall: float) -> JobRunReport:
         tasks = [
@@ -351,12 +352,10 @@ def test_databricks_run_records_feed_the_same_comparison() -> None:
             tasks,
         )
 
-    seq = comparison.timing_from_databricks(
+    seq = run_timing_from_report(
         report("sequential", [(0, 20), (20, 41), (41, 60), (60, 82)], 82.0)
     )
-    par = comparison.timing_from_databricks(
-        report("parallel", [(0, 20), (0, 21), (0, 19), (0, 22)], 22.5)
-    )
+    par = run_timing_from_report(report("parallel", [(0, 20), (0, 21), (0, 19), (0, 22)], 22.5))
     result = comparison.Comparison(seq, par)
     assert seq.queue_s == 3.0 and seq.wall_s == 82.0
     assert [s.duration_s for s in par.steps] == [20, 21, 19, 22]

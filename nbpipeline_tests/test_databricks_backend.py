@@ -54,13 +54,8 @@ except ImportError:  # pragma: no cover - rootdir-relative import
     )
 
 from nbpipeline.backend import NOTEBOOK_NAMES, NotebookBackend
-from nbpipeline.backends.databricks import (
-    DatabricksNotebookBackend,
-    PollPolicy,
-    RunDeadlineExceeded,
-    derive_idempotency_token,
-    wait_for_run,
-)
+from nbpipeline.databricks.backend import DatabricksNotebookBackend, derive_idempotency_token
+from nbpipeline.databricks.polling import PollPolicy, RunDeadlineExceeded, wait_for_run
 from nbpipeline.errors import ConfigError, NotebookError, NotebookTimeout
 from nbpipeline.settings import PROJECT_ROOT
 
@@ -927,16 +922,16 @@ def test_notebooks_sync_once_per_dagster_run_across_step_processes(
     """Each step process of a run starts with an empty in-process cache (simulated here by
     clearing it); the marker on disk makes only the first one sync. test_secrets.py runs the
     real four-process case through `nbpipeline run parallel`."""
-    import nbpipeline.backends.databricks as dbmod
+    import nbpipeline.databricks.sync as dbmod_sync
 
     ws = make_backend().workspace_client()
     log = logging.getLogger("test")
 
     def step_process(dagster_run: str) -> bool:
-        dbmod._SYNCED.clear()  # a fresh process
-        monkeypatch.setattr(dbmod, "_current_dagster_step", lambda: (dagster_run, "step", 0))
-        return dbmod.sync_once_per_run(
-            ws, loopback.host, "/Users/me/nbpipeline", dbmod.local_notebooks(), log=log
+        dbmod_sync._SYNCED.clear()  # a fresh process
+        monkeypatch.setattr(dbmod_sync, "current_dagster_step", lambda: (dagster_run, "step", 0))
+        return dbmod_sync.sync_once_per_run(
+            ws, loopback.host, "/Users/me/nbpipeline", dbmod_sync.local_notebooks(), log=log
         )
 
     assert [step_process("run-1") for _ in range(4)] == [True, False, False, False]

@@ -29,22 +29,20 @@ except ImportError:  # pragma: no cover - rootdir-relative import
     )
 
 from nbpipeline.backend import NOTEBOOK_NAMES
-from nbpipeline.backends.databricks import PollPolicy, make_workspace_client
-from nbpipeline.cli_databricks import add_subcommands
-from nbpipeline.databricks_jobs import (
+from nbpipeline.cli.databricks import add_subcommands
+from nbpipeline.cron import check_timezone
+from nbpipeline.databricks.client import make_workspace_client
+from nbpipeline.databricks.deploy import deploy, diff_settings, prepared
+from nbpipeline.databricks.jobs import (
     JOB_CLUSTER_KEY,
     JOB_KINDS,
     JOB_NAMES,
     JobOptions,
     build_job_settings,
-    check_timezone,
-    cron_to_quartz,
-    deploy,
-    diff_settings,
-    job_run_report,
-    prepared,
-    run_job,
 )
+from nbpipeline.databricks.polling import PollPolicy
+from nbpipeline.databricks.quartz import cron_to_quartz
+from nbpipeline.databricks.runs import job_run_report, run_deployed_job
 from nbpipeline.errors import ConfigError, NbPipelineError, NotebookError
 
 # ----------------------------------------------------------------------------------------------
@@ -813,7 +811,7 @@ def test_run_orchestration_jobs_reports_the_child_runs(
 
     # compare: the per-notebook steps are the child runs.
     capsys.readouterr()
-    from nbpipeline.cli_compare import add_subcommands as add_compare
+    from nbpipeline.cli.compare import add_subcommands as add_compare
 
     parser = argparse.ArgumentParser(prog="nbpipeline")
     add_compare(parser.add_subparsers(dest="command", required=True))
@@ -830,7 +828,7 @@ def simulate_comparison(loopback: LoopbackDatabricks, seconds: float) -> dict[st
     """Deploy and run the comparison job with notebooks of `seconds` each; figures vs truth."""
     _short(loopback, seconds)
     _cli("databricks", "deploy", "--layout", "orchestration", "--cron", "0 2 * * *")
-    report = run_job(
+    report = run_deployed_job(
         make_workspace_client(loopback.host, TOKEN),
         "comparison",
         policy=PollPolicy(initial=0.05, maximum=0.5),
@@ -874,7 +872,7 @@ def test_comparison_job_runs_both_orchestrations_one_after_another(
     ]
     capsys.readouterr()
     parser = argparse.ArgumentParser(prog="nbpipeline")
-    from nbpipeline.cli_compare import add_subcommands as add_compare
+    from nbpipeline.cli.compare import add_subcommands as add_compare
 
     add_compare(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["compare", "--json", "--databricks-runs", str(latest.run_id)])
@@ -929,7 +927,9 @@ def test_live_diff_reads_every_job_and_the_workspace_copy(capsys) -> None:
 )
 def test_live_comparison_job_reports_child_runs() -> None:
     host = os.environ["DATABRICKS_HOST"]
-    report = run_job(make_workspace_client(host, os.environ["DATABRICKS_TOKEN"]), "comparison")
+    report = run_deployed_job(
+        make_workspace_client(host, os.environ["DATABRICKS_TOKEN"]), "comparison"
+    )
     assert report.succeeded
     seq, par = report.orchestration_parts()
     assert sorted(t.task_key for t in seq.notebook_timings()) == list(NOTEBOOK_NAMES)

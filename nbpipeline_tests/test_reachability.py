@@ -30,7 +30,7 @@ import pytest
 
 from nbpipeline import reachability
 from nbpipeline.backend import NotebookBackend
-from nbpipeline.backends.databricks import client_resource_from_env
+from nbpipeline.databricks.client import client_resource_from_env
 from nbpipeline.errors import NotebookError, UnreachableError
 from nbpipeline.local import engine
 from nbpipeline.settings import PROJECT_ROOT

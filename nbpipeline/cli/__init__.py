@@ -47,10 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_commands(sub: Any) -> None:
     """Each command group lives in its own module; the order here is the order `--help` lists."""
-    from nbpipeline import cli_compare, cli_databricks
-    from nbpipeline.cli import local, pipeline
+    from nbpipeline.cli import compare, databricks, local, pipeline
 
-    for module in (local, pipeline, cli_compare, cli_databricks):
+    for module in (local, pipeline, compare, databricks):
         module.add_subcommands(sub)
 
 

@@ -38,7 +38,7 @@ def build_backend(name: str | None = None) -> NotebookBackend:
     name = name or selected_backend()
     if name == "databricks":
         # Imported lazily: the Databricks SDK is only needed when this backend is chosen.
-        from nbpipeline.backends.databricks import DatabricksNotebookBackend
+        from nbpipeline.databricks.backend import DatabricksNotebookBackend
 
         return DatabricksNotebookBackend.from_env()
     if name == "local":

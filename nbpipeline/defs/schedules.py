@@ -9,16 +9,14 @@ notebook parameters as run config (defaults, or NBPIPELINE_SOURCE_TABLE for the 
 from __future__ import annotations
 
 import os
-import zoneinfo
 from typing import Any
 
 import dagster as dg
-from dagster._utils.schedules import is_valid_cron_string
 
+from nbpipeline.cron import check_cron, check_timezone
 from nbpipeline.defs.assets import op_config
 from nbpipeline.defs.source import SOURCE_TABLE_ENV
 from nbpipeline.defs.tags import JOB_BY_MODE, MODE_TAG, PARALLEL_JOB, SEQUENTIAL_JOB
-from nbpipeline.errors import ConfigError
 
 SEQUENTIAL_CRON_ENV = "NBPIPELINE_SEQUENTIAL_CRON"
 PARALLEL_CRON_ENV = "NBPIPELINE_PARALLEL_CRON"
@@ -36,25 +34,13 @@ def cron_for(mode: str) -> str:
     """The cron string of a mode's schedule; an invalid one is a ConfigError naming the variable."""
     env = _CRON_ENVS[mode]
     value = os.environ.get(env, "").strip() or DEFAULT_CRONS[mode]
-    if not is_valid_cron_string(value):
-        raise ConfigError(
-            f"{env}={value!r} is not a valid 5-field cron expression",
-            hint=f"e.g. {DEFAULT_CRONS[mode]!r} (minute hour day month weekday)",
-        )
-    return value
+    return check_cron(value, setting=env)
 
 
 def schedule_timezone() -> str:
     """The schedules' IANA time zone; an unknown one is a ConfigError naming the variable."""
     value = os.environ.get(TIMEZONE_ENV, "").strip() or DEFAULT_TIMEZONE
-    try:
-        zoneinfo.ZoneInfo(value)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        raise ConfigError(
-            f"{TIMEZONE_ENV}={value!r} is not a known IANA time zone",
-            hint="e.g. UTC or Europe/Berlin",
-        ) from None
-    return value
+    return check_timezone(value, setting=TIMEZONE_ENV)
 
 
 def scheduled_run_config() -> dict[str, Any]:

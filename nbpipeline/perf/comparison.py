@@ -431,31 +431,3 @@ def plot(comparison: Comparison, path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def timing_from_databricks(report: Any) -> RunTiming:
-    """A Databricks-native job run (`databricks_jobs.JobRunReport`, from the Jobs API run record)
-    as a RunTiming, so `compare` can put Databricks runs in the same table. An orchestration
-    job's steps are the notebook runs its orchestration notebook started."""
-    tasks = report.notebook_timings() if hasattr(report, "notebook_timings") else report.tasks
-    steps = [
-        StepTiming(
-            step=t.task_key,
-            start_offset_s=t.start_offset_s or 0.0,
-            duration_s=round((t.end_offset_s or 0.0) - (t.start_offset_s or 0.0), 3),
-            status="success" if t.result == "SUCCESS" else (t.result or t.state).lower(),
-        )
-        for t in tasks
-        if t.start_offset_s is not None
-    ]
-    return RunTiming(
-        run_id=str(report.run_id),
-        job=report.name,
-        mode=report.mode,
-        source_version=None,
-        status=(report.result or report.state).lower(),
-        started_at=report.start_time,
-        queue_s=report.queue_s,
-        wall_s=report.duration_s,
-        steps=steps,
-    )

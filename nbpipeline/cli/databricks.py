@@ -11,38 +11,29 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import logging
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from databricks.sdk import WorkspaceClient
-
-from nbpipeline.backends.databricks import (
-    API_ERRORS,
-    PollPolicy,
-    describe_api_error,
-    workspace_client_from_env,
-)
-from nbpipeline.databricks_jobs import (
+from nbpipeline.databricks.bundle import write_bundle
+from nbpipeline.databricks.client import api_errors_reported, command_workspace_client
+from nbpipeline.databricks.deploy import deploy, diff_jobs, prepared
+from nbpipeline.databricks.jobs import (
     DEFAULT_NODE_TYPES,
+    JOB_KEYS,
     JOB_NAMES,
     LAYOUTS,
-    MODES,
     JobOptions,
     all_job_settings,
-    deploy,
-    diff_jobs,
-    failure_error,
-    prepared,
-    run_job,
-    write_bundle,
+    describe_job_settings,
 )
-from nbpipeline.errors import ConfigError, NbPipelineError
+from nbpipeline.databricks.polling import PollPolicy
+from nbpipeline.databricks.runs import failure_error, run_deployed_job
+from nbpipeline.errors import ConfigError
 
 
 def add_subcommands(subparsers: Any) -> None:
@@ -90,7 +81,7 @@ def add_subcommands(subparsers: Any) -> None:
         "orchestration notebooks' jobs and nbpipeline-comparison), or all (default)",
     )
     group.add_argument(
-        "--only", choices=MODES, help="just this job (by default every job of --layout)"
+        "--only", choices=JOB_KEYS, help="just this job (by default every job of --layout)"
     )
     group.add_argument(
         "--compute",
@@ -212,7 +203,7 @@ def add_subcommands(subparsers: Any) -> None:
             "run `deploy` first to publish local changes. Ctrl-C cancels the Databricks run."
         ),
     )
-    p_run.add_argument("mode", choices=MODES, help="which job: " + ", ".join(JOB_NAMES.values()))
+    p_run.add_argument("mode", choices=JOB_KEYS, help="which job: " + ", ".join(JOB_NAMES.values()))
     p_run.add_argument("--json", action="store_true", help="print the run report as JSON")
     p_run.add_argument(
         "--timeout",
@@ -274,12 +265,6 @@ def _options(args: argparse.Namespace) -> JobOptions:
     )
 
 
-def _client() -> tuple[str, WorkspaceClient]:
-    # A minute of retries rides out throttling and blips; the SDK's default five minutes would
-    # leave someone with a mistyped DATABRICKS_HOST staring at a silent terminal.
-    return workspace_client_from_env(retry_timeout_seconds=60)
-
-
 def _modes(args: argparse.Namespace, options: JobOptions) -> tuple[str, ...]:
     return (args.only,) if args.only else options.modes()
 
@@ -313,53 +298,7 @@ def _progress(enabled: bool = True) -> Iterator[logging.Logger]:
         logger.removeHandler(handler)
 
 
-def _describe(settings: dict[str, Any]) -> str:
-    lines = [f"{settings['name']}:"]
-    for task in settings["tasks"]:
-        deps = ", ".join(d["task_key"] for d in task.get("depends_on", []))
-        when = f"after {deps}" if deps else "at start"
-        lines.append(
-            f"  {task['task_key']:<24} {when:<32} {task['notebook_task']['notebook_path']}"
-        )
-    first = settings["tasks"][0]
-    if settings.get("job_clusters"):
-        cluster = settings["job_clusters"][0]["new_cluster"]
-        lines.append(
-            f"  compute: job cluster {cluster['spark_version']}, {cluster['node_type_id']} x "
-            f"{cluster['num_workers']} worker{'' if cluster['num_workers'] == 1 else 's'}"
-        )
-    elif first.get("existing_cluster_id"):
-        lines.append(f"  compute: existing cluster {first['existing_cluster_id']}")
-    else:
-        lines.append("  compute: serverless")
-    schedule = settings.get("schedule")
-    if schedule:
-        lines.append(
-            f"  schedule: {schedule['quartz_cron_expression']} ({schedule['timezone_id']}, "
-            f"{schedule['pause_status']})"
-        )
-    else:
-        lines.append("  schedule: none (manual runs only)")
-    return "\n".join(lines)
-
-
-_Command = Callable[[argparse.Namespace], int]
-
-
-def _api_errors(func: _Command) -> _Command:
-    """Report a Databricks API failure as one NbPipelineError line, not a traceback."""
-
-    @functools.wraps(func)
-    def wrapper(args: argparse.Namespace) -> int:
-        try:
-            return func(args)
-        except API_ERRORS as exc:
-            raise NbPipelineError(f"Databricks API error: {describe_api_error(exc)}") from None
-
-    return wrapper
-
-
-@_api_errors
+@api_errors_reported()
 def cmd_deploy(args: argparse.Namespace) -> int:
     """`databricks deploy`: returns 0, or raises NbPipelineError."""
     options = _options(args)
@@ -369,12 +308,12 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         if args.json:
             _write_json(settings)
         else:
-            _write("\n".join(_describe(s) for s in settings.values()))
+            _write("\n".join(describe_job_settings(s) for s in settings.values()))
             _write("dry run: nothing was uploaded or changed (use --json for the exact settings)")
         if "{user}" in options.workspace_dir:
             sys.stderr.write("note: {user} becomes your workspace user name at deploy\n")
         return 0
-    _, ws = _client()
+    _, ws = command_workspace_client()
     with _progress(not args.json) as log:
         result = deploy(ws, options, modes=_modes(args, options), log=log)
     if args.json:
@@ -395,11 +334,11 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     return 0
 
 
-@_api_errors
+@api_errors_reported()
 def cmd_diff(args: argparse.Namespace) -> int:
     """`databricks diff`: 0 when every job matches what deploy would write, 1 otherwise."""
     options = _options(args)
-    _, ws = _client()
+    _, ws = command_workspace_client()
     diffs = diff_jobs(ws, options, _modes(args, options))
     if args.json:
         _write_json([d.as_dict() for d in diffs])
@@ -408,16 +347,16 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return 0 if all(d.in_sync for d in diffs) else 1
 
 
-@_api_errors
+@api_errors_reported()
 def cmd_run(args: argparse.Namespace) -> int:
     """`databricks run MODE`: 0 on success; a failed run raises NotebookError after the report."""
     if args.timeout <= 0:
         raise ConfigError(f"--timeout must be > 0 (got {args.timeout})")
     if not 0 < args.poll_initial <= args.poll_max:
         raise ConfigError("--poll-initial must be > 0 and <= --poll-max")
-    _, ws = _client()
+    _, ws = command_workspace_client()
     with _progress(not args.json) as log:
-        report = run_job(
+        report = run_deployed_job(
             ws,
             args.mode,
             timeout_seconds=args.timeout,

@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nbpipeline.errors import ConfigError
+
+if TYPE_CHECKING:
+    from nbpipeline.perf.comparison import Comparison
 
 
 def _progress(message: str) -> None:
@@ -51,17 +54,14 @@ def add_subcommands(subparsers: Any) -> None:
     p.set_defaults(func=cmd_bench)
 
 
-def _databricks_pair(*run_ids: int):
-    from nbpipeline import databricks_jobs
-    from nbpipeline.cli_databricks import _client
-    from nbpipeline.perf import comparison
+def _databricks_pair(*run_ids: int) -> Comparison:
+    from nbpipeline.databricks.client import command_workspace_client
+    from nbpipeline.databricks.runs import compare_job_runs
 
     if len(run_ids) > 2:
         raise ConfigError("--databricks-runs takes one comparison run id or two run ids")
-    _, ws = _client()
-    reports = databricks_jobs.comparison_reports(ws, run_ids)
-    timings = [comparison.timing_from_databricks(r) for r in reports]
-    return comparison.Comparison(sequential=timings[0], parallel=timings[1])
+    _, ws = command_workspace_client()
+    return compare_job_runs(ws, run_ids)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
