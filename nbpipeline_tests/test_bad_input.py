@@ -20,7 +20,7 @@ from nbpipeline import cli
 from nbpipeline.assets import ALL_ASSETS, op_config
 from nbpipeline.cli_pipeline import run_job
 from nbpipeline.errors import ConfigError
-from nbpipeline_tests.test_assets import CALLS, FakeBackend
+from nbpipeline_tests.fakes.backend import CALLS, FakeBackend
 
 
 @pytest.mark.parametrize(

@@ -26,33 +26,6 @@ from dagster._core.remote_representation.external_data import RepositorySnap
 from dagster_databricks import DatabricksClientResource
 from dagster_shared.serdes import serialize_value
 
-try:
-    from nbpipeline_tests.conftest_databricks import (
-        TOKEN,
-        FakeJobs,
-        FakeWorkspaceClient,
-        LoopbackDatabricks,
-        canary_token,
-        databricks_env,  # noqa: F401 - fixture
-        exit_json,
-        loopback,  # noqa: F401 - fixture
-        make_backend,
-        use_fake_client,
-    )
-except ImportError:  # pragma: no cover - rootdir-relative import
-    from conftest_databricks import (  # type: ignore[no-redef]
-        TOKEN,
-        FakeJobs,
-        FakeWorkspaceClient,
-        LoopbackDatabricks,
-        canary_token,
-        databricks_env,  # noqa: F401 - fixture
-        exit_json,
-        loopback,  # noqa: F401 - fixture
-        make_backend,
-        use_fake_client,
-    )
-
 from nbpipeline.backends.base import NOTEBOOK_NAMES, NotebookBackend
 from nbpipeline.backends.databricks import (
     DatabricksNotebookBackend,
@@ -63,6 +36,9 @@ from nbpipeline.backends.databricks import (
 )
 from nbpipeline.errors import ConfigError, NotebookError, NotebookTimeout
 from nbpipeline.settings import PROJECT_ROOT
+from nbpipeline_tests.fakes.databricks_http import LoopbackDatabricks
+from nbpipeline_tests.fakes.databricks_sdk import FakeJobs, FakeWorkspaceClient, use_fake_client
+from nbpipeline_tests.fakes.databricks_workspace import TOKEN, canary_token, exit_json, make_backend
 
 PARAMS = {"source_table": "nbpipeline.orders", "target_schema": ""}
 
@@ -625,7 +601,7 @@ def test_ctrl_c_cancels_the_databricks_run(loopback: LoopbackDatabricks) -> None
     script = (
         "import signal, sys\n"
         "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
-        "from nbpipeline_tests.conftest_databricks import make_backend\n"
+        "from nbpipeline_tests.fakes.databricks_workspace import make_backend\n"
         "try:\n"
         f"    make_backend().run_notebook('Notebook1', {PARAMS!r})\n"
         "except KeyboardInterrupt:\n"
@@ -876,10 +852,7 @@ if (
     import tempfile
     from pathlib import Path
 
-    try:
-        from nbpipeline_tests.conftest_databricks import write_notebooks
-    except ImportError:
-        from conftest_databricks import write_notebooks  # type: ignore[no-redef]
+    from nbpipeline_tests.fakes.databricks_workspace import write_notebooks
 
     os.environ["NBPIPELINE_NOTEBOOKS_DIR"] = str(write_notebooks(Path(tempfile.mkdtemp()) / "nb"))
     os.environ["DATABRICKS_CONFIG_FILE"] = os.devnull

@@ -11,23 +11,6 @@ from typing import Any
 import pytest
 from databricks.sdk.service.jobs import JobSettings
 
-try:
-    from nbpipeline_tests.conftest_databricks import (
-        TOKEN,
-        LoopbackDatabricks,
-        canary_token,
-        databricks_env,  # noqa: F401 - fixture
-        loopback,  # noqa: F401 - fixture
-    )
-except ImportError:  # pragma: no cover - rootdir-relative import
-    from conftest_databricks import (  # type: ignore[no-redef]
-        TOKEN,
-        LoopbackDatabricks,
-        canary_token,
-        databricks_env,  # noqa: F401 - fixture
-        loopback,  # noqa: F401 - fixture
-    )
-
 from nbpipeline.backends.base import NOTEBOOK_NAMES
 from nbpipeline.backends.databricks import PollPolicy, make_workspace_client
 from nbpipeline.cli_databricks import add_subcommands
@@ -46,6 +29,8 @@ from nbpipeline.databricks_jobs import (
     run_job,
 )
 from nbpipeline.errors import ConfigError, NbPipelineError, NotebookError
+from nbpipeline_tests.fakes.databricks_http import LoopbackDatabricks
+from nbpipeline_tests.fakes.databricks_workspace import TOKEN, canary_token
 
 # ----------------------------------------------------------------------------------------------
 # Cron -> Quartz
@@ -984,7 +969,7 @@ def test_a_retried_task_is_one_timing_with_its_last_outcome(databricks_env) -> N
     )
 
     class _NoOutput:
-        class jobs:  # noqa: N801 - stands in for ws.jobs
+        class jobs:
             @staticmethod
             def get_run_output(_run_id: int) -> Any:
                 raise AssertionError("a succeeded task needs no error lookup")
