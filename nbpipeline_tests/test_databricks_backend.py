@@ -845,9 +845,8 @@ def test_live_run_notebook1() -> None:
     assert isinstance(run.tables, list)
 
 
-if (
-    __name__ == "__main__"
-):  # pragma: no cover - prints the figures: python test_databricks_backend.py [s]
+# Prints the figures: python -m nbpipeline_tests.test_databricks_backend [s] (from the project root).
+if __name__ == "__main__":  # pragma: no cover
     import sys
     import tempfile
     from pathlib import Path
