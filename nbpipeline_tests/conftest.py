@@ -12,13 +12,14 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-import nbpipeline.backends.databricks as dbmod
-from nbpipeline_tests.fakes.databricks_http import LoopbackDatabricks
-from nbpipeline_tests.fakes.databricks_workspace import SDK_ENV, TOKEN, write_notebooks
 from nbpipeline_tests.helpers import free_port
+
+if TYPE_CHECKING:
+    from nbpipeline_tests.fakes.databricks_http import LoopbackDatabricks
 
 # Timestamps collected from Spark become naive datetimes in the process time zone; the contract
 # is in UTC, so the tests' own computations must be too.
@@ -85,6 +86,10 @@ def instance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 @pytest.fixture
 def databricks_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """A clean environment: no SDK variables, no ~/.databrickscfg, notebooks in tmp_path."""
+    # Imported on use: the Databricks SDK is slow to import and most tests never use it.
+    import nbpipeline.backends.databricks as dbmod
+    from nbpipeline_tests.fakes.databricks_workspace import SDK_ENV, write_notebooks
+
     for name in SDK_ENV:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("DATABRICKS_CONFIG_FILE", str(tmp_path / "no-databrickscfg"))
@@ -99,6 +104,9 @@ def databricks_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 @pytest.fixture
 def loopback(databricks_env: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LoopbackDatabricks]:
     """A running loopback workspace, with DATABRICKS_HOST / DATABRICKS_TOKEN pointing at it."""
+    from nbpipeline_tests.fakes.databricks_http import LoopbackDatabricks
+    from nbpipeline_tests.fakes.databricks_workspace import TOKEN
+
     server = LoopbackDatabricks(token=TOKEN).start()
     monkeypatch.setenv("DATABRICKS_HOST", server.host)
     monkeypatch.setenv("DATABRICKS_TOKEN", TOKEN)
