@@ -116,6 +116,18 @@ def loopback(databricks_env: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
         server.stop()
 
 
+@pytest.fixture
+def loopback_canary(loopback: LoopbackDatabricks, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh canary token, now the only one the loopback workspace accepts and the one in
+    DATABRICKS_TOKEN: a test then asserts it shows nowhere."""
+    from nbpipeline_tests.fakes.databricks_workspace import canary_token
+
+    canary = canary_token()
+    loopback.token = canary
+    monkeypatch.setenv("DATABRICKS_TOKEN", canary)
+    return canary
+
+
 #: Per-test time limits (pytest-timeout): pyproject's `timeout` for every test; tests marked
 #: `slow` or `ui` (whole runs, JVM or browser starts) get this longer one unless they set their
 #: own with @pytest.mark.timeout. A hang then fails one test instead of stalling the CI run.

@@ -38,7 +38,7 @@ from nbpipeline.errors import ConfigError, NotebookError, NotebookTimeout
 from nbpipeline.settings import PROJECT_ROOT
 from nbpipeline_tests.fakes.databricks_http import LoopbackDatabricks
 from nbpipeline_tests.fakes.databricks_sdk import FakeJobs, FakeWorkspaceClient, use_fake_client
-from nbpipeline_tests.fakes.databricks_workspace import TOKEN, canary_token, exit_json, make_backend
+from nbpipeline_tests.fakes.databricks_workspace import TOKEN, exit_json, make_backend
 
 PARAMS = {"source_table": "nbpipeline.orders", "target_schema": ""}
 
@@ -647,11 +647,9 @@ def test_ctrl_c_cancels_the_databricks_run(loopback: LoopbackDatabricks) -> None
 
 
 def test_canary_token_never_appears_in_logs_errors_output_or_dagster_config(
-    loopback: LoopbackDatabricks, monkeypatch, caplog, capsys
+    loopback: LoopbackDatabricks, loopback_canary: str, monkeypatch, caplog, capsys
 ) -> None:
-    canary = canary_token()
-    loopback.token = canary
-    monkeypatch.setenv("DATABRICKS_TOKEN", canary)
+    canary = loopback_canary
     caplog.set_level(logging.DEBUG)  # includes the SDK's own request/response debug logs
 
     backend = make_backend()

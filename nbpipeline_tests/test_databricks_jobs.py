@@ -30,7 +30,7 @@ from nbpipeline.databricks_jobs import (
 )
 from nbpipeline.errors import ConfigError, NbPipelineError, NotebookError
 from nbpipeline_tests.fakes.databricks_http import LoopbackDatabricks
-from nbpipeline_tests.fakes.databricks_workspace import TOKEN, canary_token
+from nbpipeline_tests.fakes.databricks_workspace import TOKEN
 
 # ----------------------------------------------------------------------------------------------
 # Cron -> Quartz
@@ -479,11 +479,9 @@ def test_api_errors_become_one_line_errors(loopback: LoopbackDatabricks, monkeyp
 
 
 def test_canary_token_never_appears_in_cli_output(
-    loopback: LoopbackDatabricks, monkeypatch, capsys, caplog
+    loopback: LoopbackDatabricks, loopback_canary: str, monkeypatch, capsys, caplog
 ) -> None:
-    canary = canary_token()
-    loopback.token = canary
-    monkeypatch.setenv("DATABRICKS_TOKEN", canary)
+    canary = loopback_canary
     caplog.set_level("DEBUG")
     _fast(loopback)
     texts = []
