@@ -41,6 +41,7 @@ from nbpipeline_tests.fakes.databricks_sdk import FakeJobs, FakeWorkspaceClient,
 from nbpipeline_tests.fakes.databricks_workspace import TOKEN, exit_json, make_backend
 
 PARAMS = {"source_table": "nbpipeline.orders", "target_schema": ""}
+PARALLEL_PARAMS = {**PARAMS, "source_table": "nbpipeline.orders_parallel"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -735,7 +736,9 @@ def simulate_pipeline(
             results: dict[str, Any] = {}
 
             def one(name: str) -> None:
-                results[name] = backend.run_notebook(name, PARAMS)
+                # Other values than the sequential schedule's: a live run of the same notebook
+                # with the same values is re-attached to, which would join the two schedules.
+                results[name] = backend.run_notebook(name, PARALLEL_PARAMS)
 
             threads = [threading.Thread(target=one, args=(n,)) for n in NOTEBOOK_NAMES]
             for t in threads:
