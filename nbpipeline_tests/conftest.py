@@ -1,4 +1,5 @@
-"""Shared fixtures: one local engine (Spark Connect + Delta) for the whole test session.
+"""Shared fixtures: one local engine (Spark Connect + Delta) for the whole test session, a Dagster
+instance per test, and the loopback Databricks workspace.
 
 The engine gets its own NBPIPELINE_HOME under pytest's temp folder and a free port, so tests never
 touch a user's data and can run beside a user's engine. Each test gets a fresh schema.
@@ -11,18 +12,19 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from nbpipeline_tests.helpers import free_port
 
+if TYPE_CHECKING:
+    from nbpipeline_tests.fakes.databricks_http import LoopbackDatabricks
+
 # Timestamps collected from Spark become naive datetimes in the process time zone; the contract
 # is in UTC, so the tests' own computations must be too.
 os.environ["TZ"] = "UTC"
 time.tzset()
-
-
-_free_port = free_port  # the old name, still imported by some modules
 
 
 @pytest.fixture(scope="session")
@@ -76,6 +78,54 @@ def instance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     with dg.DagsterInstance.get() as inst:
         yield inst
+
+
+# ------------------------------------------------------------------ Databricks (loopback)
+
+
+@pytest.fixture
+def databricks_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """A clean environment: no SDK variables, no ~/.databrickscfg, notebooks in tmp_path."""
+    # Imported on use: the Databricks SDK is slow to import and most tests never use it.
+    import nbpipeline.databricks.sync as dbmod_sync
+    from nbpipeline_tests.fakes.databricks_workspace import SDK_ENV, write_notebooks
+
+    for name in SDK_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DATABRICKS_CONFIG_FILE", str(tmp_path / "no-databrickscfg"))
+    monkeypatch.setenv("NBPIPELINE_HOME", str(tmp_path / "home"))
+    folder = write_notebooks(tmp_path / "notebooks")
+    monkeypatch.setenv("NBPIPELINE_NOTEBOOKS_DIR", str(folder))
+    # The once-per-process sync cache must not carry over between tests.
+    monkeypatch.setattr(dbmod_sync, "_SYNCED", {})
+    return folder
+
+
+@pytest.fixture
+def loopback(databricks_env: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LoopbackDatabricks]:
+    """A running loopback workspace, with DATABRICKS_HOST / DATABRICKS_TOKEN pointing at it."""
+    from nbpipeline_tests.fakes.databricks_http import LoopbackDatabricks
+    from nbpipeline_tests.fakes.databricks_workspace import TOKEN
+
+    server = LoopbackDatabricks(token=TOKEN).start()
+    monkeypatch.setenv("DATABRICKS_HOST", server.host)
+    monkeypatch.setenv("DATABRICKS_TOKEN", TOKEN)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def loopback_canary(loopback: LoopbackDatabricks, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh canary token, now the only one the loopback workspace accepts and the one in
+    DATABRICKS_TOKEN: a test then asserts it shows nowhere."""
+    from nbpipeline_tests.fakes.databricks_workspace import canary_token
+
+    canary = canary_token()
+    loopback.token = canary
+    monkeypatch.setenv("DATABRICKS_TOKEN", canary)
+    return canary
 
 
 #: Per-test time limits (pytest-timeout): pyproject's `timeout` for every test; tests marked

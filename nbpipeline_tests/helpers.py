@@ -9,6 +9,7 @@ reached and then holds the step until the test opens the gate, so a test never r
 from __future__ import annotations
 
 import contextlib
+import multiprocessing as mp
 import os
 import shutil
 import signal
@@ -16,13 +17,17 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import pytest
 
 from nbpipeline import settings
+from nbpipeline_tests import contract_oracle as oracle
 
 RUN_TIMEOUT_S = 900  # a busy shared machine slows engine starts and runs to minutes
 GATE_TIMEOUT_S = 600  # a gate nobody opens fails the notebook instead of holding it forever
@@ -128,15 +133,52 @@ def failure_text(event: Any) -> str:
     return event.message or ""
 
 
+def materializations(result: Any) -> dict[str, dict[str, Any]]:
+    """A run's materializations: {asset key: {metadata key: plain value}}."""
+    out = {}
+    for event in result.get_asset_materialization_events():
+        mat = event.step_materialization_data.materialization
+        out[mat.asset_key.to_user_string()] = {
+            k: getattr(v, "value", v) for k, v in mat.metadata.items()
+        }
+    return out
+
+
 def collect(spark: Any, name: str) -> list[dict[str, Any]]:
     return [r.asDict() for r in spark.sql(f"SELECT * FROM {name}").collect()]
 
 
+def assert_table_equal(name: str, got: dict, expected: dict) -> None:
+    missing = [k for k in expected if k not in got]
+    extra = [k for k in got if k not in expected]
+    wrong = [k for k in expected if k in got and got[k] != expected[k]]
+    detail = [f"missing {k}: expected {expected[k]}" for k in missing[:3]]
+    detail += [f"unexpected {k}: {got[k]}" for k in extra[:3]]
+    for k in wrong[:3]:
+        diffs = {c: (got[k][c], expected[k][c]) for c in expected[k] if got[k][c] != expected[k][c]}
+        detail.append(f"wrong {k}: (got, expected) {diffs}")
+    assert not (missing or extra or wrong), (
+        f"{name}: {len(missing)} missing, {len(extra)} unexpected, {len(wrong)} wrong rows\n"
+        + "\n".join(detail)
+    )
+    # Exact types too: Decimal amounts (equal values of another type would hide a cast).
+    for row in got.values():
+        for column, value in row.items():
+            kind = oracle.TABLE_TYPES[name][column]
+            if value is None:
+                continue
+            if kind.startswith("decimal"):
+                assert isinstance(value, Decimal) and value.as_tuple().exponent == -2, (
+                    column,
+                    value,
+                )
+            elif kind == "double":
+                assert isinstance(value, float), (column, value)
+        break
+
+
 def assert_matches_contract(spark: Any, schema: str, source: str, tables: tuple[str, ...]) -> None:
     """Each table equals the oracle's computation from the source (no duplicate key)."""
-    from nbpipeline_tests import contract_oracle as oracle
-    from nbpipeline_tests.test_contract import assert_table_equal
-
     expected = oracle.expected(collect(spark, source))
     for table in tables:
         got = oracle.keyed(table, collect(spark, f"{schema}.{table}"))  # raises on a duplicate
@@ -415,3 +457,53 @@ def overlapping_runs_scenario(
         "pool_waits": waits,
         "tick": f"{tick:%H:%M} UTC",
     }
+
+
+# --------------------------------------------------------------------------- pool claims
+
+POOL = "nbpipeline/test_pool"
+CLAIMERS = 8
+PLAIN_YAML = "concurrency:\n  pools:\n    default_limit: 1\n    granularity: op\n"
+
+
+def _claim(home: str, barrier: Any, results: Any) -> None:
+    os.environ["DAGSTER_HOME"] = home
+    with dg.DagsterInstance.get() as instance:
+        storage = instance.event_log_storage
+        barrier.wait()
+        status = storage.claim_concurrency_slot(POOL, uuid.uuid4().hex, "Notebook1")
+        results.put(status.is_claimed)
+
+
+def claimed_together(home: Path, monkeypatch: pytest.MonkeyPatch) -> int:
+    """How many of CLAIMERS processes, released together, got the pool's single slot."""
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    with dg.DagsterInstance.get() as instance:
+        instance.event_log_storage.initialize_concurrency_limit_to_default(POOL)
+        assert instance.event_log_storage.get_concurrency_info(POOL).slot_count == 1
+    ctx = mp.get_context("fork")  # dagster is imported already: the claimers start at once
+    barrier, results = ctx.Barrier(CLAIMERS), ctx.Queue()
+    procs = [
+        ctx.Process(target=_claim, args=(str(home), barrier, results)) for _ in range(CLAIMERS)
+    ]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=120)
+        assert proc.exitcode == 0
+    return sum(results.get(timeout=10) for _ in procs)
+
+
+def release_hands_the_slot_to_one(storage: Any) -> list[Any]:
+    """With CLAIMERS steps on the pool and one holding its slot: freeing the slot (a step ends)
+    assigns it to exactly one waiting step, which then claims it. Returns the waiting steps."""
+    info = storage.get_concurrency_info(POOL)
+    (holder,) = info.claimed_slots
+    assert len(info.pending_steps) == CLAIMERS
+    storage.free_concurrency_slot_for_step(holder.run_id, holder.step_key)
+    waiting = list(storage.get_concurrency_info(POOL).pending_steps)
+    assert len(waiting) == CLAIMERS - 1
+    assigned = [p for p in waiting if p.assigned_timestamp is not None]
+    assert len(assigned) == 1
+    assert storage.claim_concurrency_slot(POOL, assigned[0].run_id, "Notebook1").is_claimed
+    return waiting

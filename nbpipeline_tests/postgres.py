@@ -11,13 +11,14 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from nbpipeline_tests.helpers import free_port
 
 
 def _pg_bin() -> Path:
@@ -56,12 +57,6 @@ class Postgres:
         }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _as_server_user(cmd: list[str]) -> list[str]:
     if os.geteuid() != 0:
         return cmd
@@ -97,7 +92,7 @@ def postgres_server() -> Iterator[Postgres]:
     if os.geteuid() == 0:
         shutil.chown(folder, PG_OS_USER)
         shutil.chown(sockets, PG_OS_USER)
-    port = _free_port()
+    port = free_port()
     started = False
     try:
         _run(

@@ -7,14 +7,11 @@ rerun some notebooks on corrupted outputs.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Mapping
 from typing import Any
 
 import dagster as dg
 import pytest
 
-from nbpipeline.backend import NotebookBackend, NotebookResult
 from nbpipeline.defs.assets import ALL_ASSETS, OUTPUT_ASSET_KEYS, is_transient, op_config
 from nbpipeline.defs.checks import VALID_ROW_SQL
 from nbpipeline.defs.metadata import table_metadata
@@ -22,95 +19,14 @@ from nbpipeline.defs.tags import SOURCE_VERSION_TAG
 from nbpipeline.errors import ConfigError, EngineError, NotebookError
 from nbpipeline.local.backend import LocalNotebookBackend
 from nbpipeline.tables import OUTPUT_TABLES
+from nbpipeline_tests.fakes.backend import CALLS, FakeBackend
+from nbpipeline_tests.helpers import latest_version, materializations
 
 ROWS = 2000
 OUTPUTS = dg.AssetSelection.assets(*OUTPUT_ASSET_KEYS)
 
 
-def meta(mat: dg.AssetMaterialization) -> dict[str, Any]:
-    return {k: getattr(v, "value", v) for k, v in mat.metadata.items()}
-
-
-def materializations(result: dg.ExecuteInProcessResult) -> dict[str, dict[str, Any]]:
-    out = {}
-    for event in result.get_asset_materialization_events():
-        mat = event.step_materialization_data.materialization
-        out[mat.asset_key.to_user_string()] = meta(mat)
-    return out
-
-
-def latest_version(spark: Any, table: str) -> int:
-    return int(spark.sql(f"DESCRIBE HISTORY {table} LIMIT 1").collect()[0]["version"])
-
-
 # --------------------------------------------------------------------------- without Spark
-
-
-# Calls per notebook, module-level: Dagster copies resources, so an instance counter would reset.
-CALLS: dict[str, int] = {}
-
-
-class FakeBackend(NotebookBackend):
-    """Returns a canned exit value; fails transiently `flaky` times first (counted per class)."""
-
-    flaky: int = 0
-    reason: str = ""
-
-    @property
-    def backend_name(self) -> str:
-        return "fake"
-
-    def engine_address(self) -> str:
-        return "fake://engine"
-
-    def run_notebook(
-        self,
-        notebook: str,
-        parameters: Mapping[str, str],
-        *,
-        timeout_seconds: int = 3600,
-        log: logging.Logger | None = None,
-    ) -> NotebookResult:
-        n = CALLS[notebook] = CALLS.get(notebook, 0) + 1
-        if self.reason:
-            raise NotebookError(self.reason, notebook=notebook, cell=3)
-        if n <= self.flaky:
-            raise EngineError("cannot connect to the Spark engine at sc://x: UNAVAILABLE")
-        tables = [
-            {
-                "asset": name,
-                "table": f"s.{name}",
-                "location": f"file:/w/s.db/{name}",
-                "rows_inserted": 3,
-                "rows_updated": 2,
-                "rows_deleted": 1,
-                "delta_version": 7,
-                "row_count": 10,
-                "columns": [{"name": "k", "type": "bigint"}, {"name": "v", "type": "string"}],
-            }
-            for name, nb in OUTPUT_TABLES.items()
-            if nb == notebook
-        ]
-        return NotebookResult(
-            notebook=notebook,
-            location=f"/nb/{notebook}.py",
-            backend="fake",
-            engine="fake://engine",
-            exit_value={
-                "notebook": notebook,
-                "started_at": "2025-01-01T00:00:00+00:00",
-                "ended_at": "2025-01-01T00:00:02+00:00",
-                "duration_s": 2.0,
-                "source_table": parameters["source_table"],
-                "source_version": 4,
-                "rows_read": 12,
-                "rows_rejected": 1,
-                "tables": tables,
-            },
-            started_at=100.0,
-            ended_at=103.5,
-            extra={"run_url": "https://example.invalid/run/1", "run_id": 1},
-        )
 
 
 def test_table_metadata_is_pure_and_complete() -> None:

@@ -20,7 +20,7 @@ from nbpipeline import cli
 from nbpipeline.defs.assets import ALL_ASSETS, op_config
 from nbpipeline.errors import ConfigError
 from nbpipeline.runs import run_pipeline_job
-from nbpipeline_tests.test_assets import CALLS, FakeBackend
+from nbpipeline_tests.fakes.backend import CALLS, FakeBackend
 
 
 @pytest.mark.parametrize(

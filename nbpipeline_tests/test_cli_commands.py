@@ -19,11 +19,7 @@ from nbpipeline.defs.assets import ALL_ASSETS, op_config
 from nbpipeline.local.seed import seed_orders
 from nbpipeline.tables import OUTPUT_TABLES
 from nbpipeline_tests import contract_oracle as oracle
-from nbpipeline_tests.conftest_databricks import (
-    LoopbackDatabricks,
-    databricks_env,  # noqa: F401 - fixture
-    loopback,  # noqa: F401 - fixture
-)
+from nbpipeline_tests.fakes.databricks_http import LoopbackDatabricks
 from nbpipeline_tests.helpers import (
     RUN_TIMEOUT_S,
     collect,
@@ -81,7 +77,7 @@ def test_run_parallel_max_concurrent_limits_a_real_run(
 
 
 def test_compare_databricks_runs_command(
-    loopback: LoopbackDatabricks,  # noqa: F811 - the fixture imported above
+    loopback: LoopbackDatabricks,
     capsys,
 ) -> None:
     """`nbpipeline compare --databricks-runs SEQ_RUN_ID PAR_RUN_ID` on two job runs of the
@@ -113,7 +109,7 @@ def test_compare_databricks_runs_command(
 
 @pytest.mark.dagster
 def test_databricks_host_without_credentials_fails_each_step(
-    loopback: LoopbackDatabricks,  # noqa: F811 - the fixture imported above
+    loopback: LoopbackDatabricks,
     monkeypatch,
 ) -> None:
     """README: `NBPIPELINE_BACKEND=databricks` with a host but no credentials fails each step
@@ -146,7 +142,7 @@ def test_databricks_host_without_credentials_fails_each_step(
 
 
 def test_deploy_with_cron_timezone_and_unpaused(
-    loopback: LoopbackDatabricks,  # noqa: F811 - the fixture imported above
+    loopback: LoopbackDatabricks,
     capsys,
 ) -> None:
     """`nbpipeline databricks deploy --cron "0 2 * * 1-5" --timezone Europe/Berlin --unpaused`:

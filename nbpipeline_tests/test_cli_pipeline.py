@@ -1,8 +1,8 @@
 """`nbpipeline run` and `nbpipeline ui`: bad input exits 2 before launching, a failed run exits 1.
 
 Successful `nbpipeline run sequential` / `run parallel` commands (run id printed, run in the
-instance, progress per step) are exercised by test_jobs.py's overlapping-runs test, which launches
-both at once; running them here again would double the suite's slowest part.
+instance, progress per step) are exercised by e2e/test_overlap.py's overlapping-runs test, which
+launches both at once; running them here again would double the suite's slowest part.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from nbpipeline import settings
 from nbpipeline.local import seed
 from nbpipeline.local.runtime import run_notebook
 from nbpipeline_tests import contract_oracle as oracle
+from nbpipeline_tests.helpers import assert_table_equal, collect
 
 pytestmark = pytest.mark.spark
 
@@ -49,10 +50,6 @@ def output_name(source: str, table: str) -> str:
         if source.startswith("delta.`")
         else (source.rsplit(".", 1)[0] + f".{table}")
     )
-
-
-def collect(spark, name: str) -> list[dict[str, Any]]:
-    return [r.asDict() for r in spark.sql(f"SELECT * FROM {name}").collect()]
 
 
 def history(spark, name: str) -> list[dict[str, Any]]:
@@ -84,35 +81,6 @@ def values(row: dict) -> dict:
 
 def without_updated_at(table: dict) -> dict:
     return {k: values(row) for k, row in table.items()}
-
-
-def assert_table_equal(name: str, got: dict, expected: dict) -> None:
-    missing = [k for k in expected if k not in got]
-    extra = [k for k in got if k not in expected]
-    wrong = [k for k in expected if k in got and got[k] != expected[k]]
-    detail = [f"missing {k}: expected {expected[k]}" for k in missing[:3]]
-    detail += [f"unexpected {k}: {got[k]}" for k in extra[:3]]
-    for k in wrong[:3]:
-        diffs = {c: (got[k][c], expected[k][c]) for c in expected[k] if got[k][c] != expected[k][c]}
-        detail.append(f"wrong {k}: (got, expected) {diffs}")
-    assert not (missing or extra or wrong), (
-        f"{name}: {len(missing)} missing, {len(extra)} unexpected, {len(wrong)} wrong rows\n"
-        + "\n".join(detail)
-    )
-    # Exact types too: Decimal amounts (equal values of another type would hide a cast).
-    for row in got.values():
-        for column, value in row.items():
-            kind = oracle.TABLE_TYPES[name][column]
-            if value is None:
-                continue
-            if kind.startswith("decimal"):
-                assert isinstance(value, Decimal) and value.as_tuple().exponent == -2, (
-                    column,
-                    value,
-                )
-            elif kind == "double":
-                assert isinstance(value, float), (column, value)
-        break
 
 
 def check_exits(

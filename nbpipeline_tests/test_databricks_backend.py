@@ -26,40 +26,17 @@ from dagster._core.remote_representation.external_data import RepositorySnap
 from dagster_databricks import DatabricksClientResource
 from dagster_shared.serdes import serialize_value
 
-try:
-    from nbpipeline_tests.conftest_databricks import (
-        TOKEN,
-        FakeJobs,
-        FakeWorkspaceClient,
-        LoopbackDatabricks,
-        canary_token,
-        databricks_env,  # noqa: F401 - fixture
-        exit_json,
-        loopback,  # noqa: F401 - fixture
-        make_backend,
-        use_fake_client,
-    )
-except ImportError:  # pragma: no cover - rootdir-relative import
-    from conftest_databricks import (  # type: ignore[no-redef]
-        TOKEN,
-        FakeJobs,
-        FakeWorkspaceClient,
-        LoopbackDatabricks,
-        canary_token,
-        databricks_env,  # noqa: F401 - fixture
-        exit_json,
-        loopback,  # noqa: F401 - fixture
-        make_backend,
-        use_fake_client,
-    )
-
 from nbpipeline.backend import NOTEBOOK_NAMES, NotebookBackend
 from nbpipeline.databricks.backend import DatabricksNotebookBackend, derive_idempotency_token
 from nbpipeline.databricks.polling import PollPolicy, RunDeadlineExceeded, wait_for_run
 from nbpipeline.errors import ConfigError, NotebookError, NotebookTimeout
 from nbpipeline.settings import PROJECT_ROOT
+from nbpipeline_tests.fakes.databricks_http import LoopbackDatabricks
+from nbpipeline_tests.fakes.databricks_sdk import FakeJobs, FakeWorkspaceClient, use_fake_client
+from nbpipeline_tests.fakes.databricks_workspace import TOKEN, exit_json, make_backend
 
 PARAMS = {"source_table": "nbpipeline.orders", "target_schema": ""}
+PARALLEL_PARAMS = {**PARAMS, "source_table": "nbpipeline.orders_parallel"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -620,7 +597,7 @@ def test_ctrl_c_cancels_the_databricks_run(loopback: LoopbackDatabricks) -> None
     script = (
         "import signal, sys\n"
         "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
-        "from nbpipeline_tests.conftest_databricks import make_backend\n"
+        "from nbpipeline_tests.fakes.databricks_workspace import make_backend\n"
         "try:\n"
         f"    make_backend().run_notebook('Notebook1', {PARAMS!r})\n"
         "except KeyboardInterrupt:\n"
@@ -666,11 +643,9 @@ def test_ctrl_c_cancels_the_databricks_run(loopback: LoopbackDatabricks) -> None
 
 
 def test_canary_token_never_appears_in_logs_errors_output_or_dagster_config(
-    loopback: LoopbackDatabricks, monkeypatch, caplog, capsys
+    loopback: LoopbackDatabricks, loopback_canary: str, monkeypatch, caplog, capsys
 ) -> None:
-    canary = canary_token()
-    loopback.token = canary
-    monkeypatch.setenv("DATABRICKS_TOKEN", canary)
+    canary = loopback_canary
     caplog.set_level(logging.DEBUG)  # includes the SDK's own request/response debug logs
 
     backend = make_backend()
@@ -756,7 +731,9 @@ def simulate_pipeline(
             results: dict[str, Any] = {}
 
             def one(name: str) -> None:
-                results[name] = backend.run_notebook(name, PARAMS)
+                # Other values than the sequential schedule's: a live run of the same notebook
+                # with the same values is re-attached to, which would join the two schedules.
+                results[name] = backend.run_notebook(name, PARALLEL_PARAMS)
 
             threads = [threading.Thread(target=one, args=(n,)) for n in NOTEBOOK_NAMES]
             for t in threads:
@@ -864,17 +841,13 @@ def test_live_run_notebook1() -> None:
     assert isinstance(run.tables, list)
 
 
-if (
-    __name__ == "__main__"
-):  # pragma: no cover - prints the figures: python test_databricks_backend.py [s]
+# Prints the figures: python -m nbpipeline_tests.test_databricks_backend [s] (from the project root).
+if __name__ == "__main__":  # pragma: no cover
     import sys
     import tempfile
     from pathlib import Path
 
-    try:
-        from nbpipeline_tests.conftest_databricks import write_notebooks
-    except ImportError:
-        from conftest_databricks import write_notebooks  # type: ignore[no-redef]
+    from nbpipeline_tests.fakes.databricks_workspace import write_notebooks
 
     os.environ["NBPIPELINE_NOTEBOOKS_DIR"] = str(write_notebooks(Path(tempfile.mkdtemp()) / "nb"))
     os.environ["DATABRICKS_CONFIG_FILE"] = os.devnull

@@ -11,23 +11,6 @@ from typing import Any
 import pytest
 from databricks.sdk.service.jobs import JobSettings
 
-try:
-    from nbpipeline_tests.conftest_databricks import (
-        TOKEN,
-        LoopbackDatabricks,
-        canary_token,
-        databricks_env,  # noqa: F401 - fixture
-        loopback,  # noqa: F401 - fixture
-    )
-except ImportError:  # pragma: no cover - rootdir-relative import
-    from conftest_databricks import (  # type: ignore[no-redef]
-        TOKEN,
-        LoopbackDatabricks,
-        canary_token,
-        databricks_env,  # noqa: F401 - fixture
-        loopback,  # noqa: F401 - fixture
-    )
-
 from nbpipeline.backend import NOTEBOOK_NAMES
 from nbpipeline.cli.databricks import add_subcommands
 from nbpipeline.cron import check_timezone
@@ -44,6 +27,8 @@ from nbpipeline.databricks.polling import PollPolicy
 from nbpipeline.databricks.quartz import cron_to_quartz
 from nbpipeline.databricks.runs import job_run_report, run_deployed_job
 from nbpipeline.errors import ConfigError, NbPipelineError, NotebookError
+from nbpipeline_tests.fakes.databricks_http import LoopbackDatabricks
+from nbpipeline_tests.fakes.databricks_workspace import TOKEN
 
 # ----------------------------------------------------------------------------------------------
 # Cron -> Quartz
@@ -492,11 +477,9 @@ def test_api_errors_become_one_line_errors(loopback: LoopbackDatabricks, monkeyp
 
 
 def test_canary_token_never_appears_in_cli_output(
-    loopback: LoopbackDatabricks, monkeypatch, capsys, caplog
+    loopback: LoopbackDatabricks, loopback_canary: str, monkeypatch, capsys, caplog
 ) -> None:
-    canary = canary_token()
-    loopback.token = canary
-    monkeypatch.setenv("DATABRICKS_TOKEN", canary)
+    canary = loopback_canary
     caplog.set_level("DEBUG")
     _fast(loopback)
     texts = []
@@ -984,7 +967,7 @@ def test_a_retried_task_is_one_timing_with_its_last_outcome(databricks_env) -> N
     )
 
     class _NoOutput:
-        class jobs:  # noqa: N801 - stands in for ws.jobs
+        class jobs:
             @staticmethod
             def get_run_output(_run_id: int) -> Any:
                 raise AssertionError("a succeeded task needs no error lookup")

@@ -7,12 +7,9 @@ single slot (seen: 3 and 5 of 8); with the project's storage exactly one does.
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
 
 import dagster as dg
 import pytest
@@ -23,10 +20,13 @@ from nbpipeline.instance_storage import (
     PoolSafeSqliteEventLogStorage,
     PoolSafeSqliteStorage,
 )
-
-POOL = "nbpipeline/test_pool"
-CLAIMERS = 8
-PLAIN_YAML = "concurrency:\n  pools:\n    default_limit: 1\n    granularity: op\n"
+from nbpipeline_tests.helpers import (
+    CLAIMERS,
+    PLAIN_YAML,
+    POOL,
+    claimed_together,
+    release_hands_the_slot_to_one,
+)
 
 
 def _home(tmp_path: Path, project: bool) -> Path:
@@ -37,34 +37,6 @@ def _home(tmp_path: Path, project: bool) -> Path:
     else:
         (home / "dagster.yaml").write_text(PLAIN_YAML)
     return home
-
-
-def _claim(home: str, barrier: Any, results: Any) -> None:
-    os.environ["DAGSTER_HOME"] = home
-    with dg.DagsterInstance.get() as instance:
-        storage = instance.event_log_storage
-        barrier.wait()
-        status = storage.claim_concurrency_slot(POOL, uuid.uuid4().hex, "Notebook1")
-        results.put(status.is_claimed)
-
-
-def claimed_together(home: Path, monkeypatch: pytest.MonkeyPatch) -> int:
-    """How many of CLAIMERS processes, released together, got the pool's single slot."""
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
-    with dg.DagsterInstance.get() as instance:
-        instance.event_log_storage.initialize_concurrency_limit_to_default(POOL)
-        assert instance.event_log_storage.get_concurrency_info(POOL).slot_count == 1
-    ctx = mp.get_context("fork")  # dagster is imported already: the claimers start at once
-    barrier, results = ctx.Barrier(CLAIMERS), ctx.Queue()
-    procs = [
-        ctx.Process(target=_claim, args=(str(home), barrier, results)) for _ in range(CLAIMERS)
-    ]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(timeout=120)
-        assert proc.exitcode == 0
-    return sum(results.get(timeout=10) for _ in procs)
 
 
 def test_project_storage_is_dagster_sqlite_in_the_same_files(tmp_path, monkeypatch) -> None:
@@ -97,16 +69,7 @@ def test_one_claim_wins_a_single_slot_and_its_release_hands_it_on(tmp_path, monk
         assert claimed_together(home, monkeypatch) == 1, f"round {attempt}"
     with dg.DagsterInstance.get() as instance:
         storage = instance.event_log_storage
-        info = storage.get_concurrency_info(POOL)
-        (holder,) = info.claimed_slots
-        assert len(info.pending_steps) == CLAIMERS
-        # Freeing the slot (a step ends) assigns it to a waiting step, which then claims it.
-        storage.free_concurrency_slot_for_step(holder.run_id, holder.step_key)
-        waiting = list(storage.get_concurrency_info(POOL).pending_steps)
-        assert len(waiting) == CLAIMERS - 1
-        assigned = [p for p in waiting if p.assigned_timestamp is not None]
-        assert len(assigned) == 1
-        assert storage.claim_concurrency_slot(POOL, assigned[0].run_id, "Notebook1").is_claimed
+        waiting = release_hands_the_slot_to_one(storage)
         others = [p for p in waiting if p.assigned_timestamp is None]
         assert not storage.claim_concurrency_slot(POOL, others[0].run_id, "Notebook1").is_claimed
 

@@ -25,7 +25,7 @@ from nbpipeline.errors import NotebookError
 from nbpipeline.local import seed
 from nbpipeline.local.runtime import run_notebook
 from nbpipeline_tests import contract_oracle as oracle
-from nbpipeline_tests.test_contract import assert_table_equal, collect
+from nbpipeline_tests.helpers import assert_table_equal, collect
 
 pytestmark = pytest.mark.spark
 

@@ -14,8 +14,14 @@ import dagster as dg
 import pytest
 
 from nbpipeline.settings import PROJECT_ROOT
+from nbpipeline_tests.helpers import (
+    CLAIMERS,
+    PLAIN_YAML,
+    POOL,
+    claimed_together,
+    release_hands_the_slot_to_one,
+)
 from nbpipeline_tests.postgres import Postgres, postgres_server
-from nbpipeline_tests.test_instance_storage import CLAIMERS, PLAIN_YAML, POOL, claimed_together
 
 pytestmark = pytest.mark.dagster
 
@@ -65,15 +71,7 @@ def test_one_claim_wins_and_its_release_hands_it_to_one(
         home = _home(tmp_path_factory.mktemp(f"p{attempt}"), server, monkeypatch, project=True)
         assert claimed_together(home, monkeypatch) == 1, f"round {attempt}"
     with dg.DagsterInstance.get() as instance:
-        storage = instance.event_log_storage
-        info = storage.get_concurrency_info(POOL)
-        (holder,) = info.claimed_slots
-        assert len(info.pending_steps) == CLAIMERS
-        storage.free_concurrency_slot_for_step(holder.run_id, holder.step_key)
-        waiting = list(storage.get_concurrency_info(POOL).pending_steps)
-        assigned = [p for p in waiting if p.assigned_timestamp is not None]
-        assert len(waiting) == CLAIMERS - 1 and len(assigned) == 1
-        assert storage.claim_concurrency_slot(POOL, assigned[0].run_id, "Notebook1").is_claimed
+        release_hands_the_slot_to_one(instance.event_log_storage)
 
 
 def test_plain_dagster_postgres_storage_lets_several_claims_win(

@@ -34,13 +34,9 @@ from nbpipeline.databricks.client import client_resource_from_env
 from nbpipeline.errors import NotebookError, UnreachableError
 from nbpipeline.local import engine
 from nbpipeline.settings import PROJECT_ROOT
-from nbpipeline_tests.conftest import _free_port
-from nbpipeline_tests.conftest_databricks import (
-    LoopbackDatabricks,
-    databricks_env,  # noqa: F401 - fixture
-    loopback,  # noqa: F401 - fixture
-    make_backend,
-)
+from nbpipeline_tests.fakes.databricks_http import LoopbackDatabricks
+from nbpipeline_tests.fakes.databricks_workspace import make_backend
+from nbpipeline_tests.helpers import free_port
 
 HERE = Path(__file__).resolve().parent
 CERT, KEY = HERE / "selfsigned_cert.pem", HERE / "selfsigned_key.pem"
@@ -171,7 +167,7 @@ def _spark_error(url: str, monkeypatch: pytest.MonkeyPatch) -> tuple[Unreachable
 
 
 def test_spark_remote_closed_port(monkeypatch: pytest.MonkeyPatch) -> None:
-    token, port = canary("sc"), _free_port()
+    token, port = canary("sc"), free_port()
     err, _ = _spark_error(f"sc://127.0.0.1:{port}/;token={token}", monkeypatch)
     assert_one_clean_line(
         err,
@@ -233,7 +229,7 @@ def test_spark_remote_plaintext_url_to_a_tls_server(
 
 
 def test_spark_remote_port_of_an_http1_server(
-    loopback: LoopbackDatabricks,  # noqa: F811 - the fixture
+    loopback: LoopbackDatabricks,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     port = loopback.host.rsplit(":", 1)[1]
@@ -279,9 +275,9 @@ def _databricks_error(**backend: Any) -> tuple[UnreachableError, float]:
     return caught.value, took
 
 
-def test_databricks_closed_port(databricks_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811 - the fixture
+def test_databricks_closed_port(databricks_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     token = canary("pat")
-    monkeypatch.setenv("DATABRICKS_HOST", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("DATABRICKS_HOST", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("DATABRICKS_TOKEN", token)
     # The resource's own retry window stays long: the check, not the window, answers.
     err, _ = _databricks_error(retry_timeout_seconds=300)
@@ -291,7 +287,7 @@ def test_databricks_closed_port(databricks_env: Path, monkeypatch: pytest.Monkey
     )
 
 
-def test_databricks_unknown_host(databricks_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811 - the fixture
+def test_databricks_unknown_host(databricks_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     token = canary("pat")
     monkeypatch.setenv("DATABRICKS_HOST", "https://no-such-workspace.invalid")
     monkeypatch.setenv("DATABRICKS_TOKEN", token)
@@ -305,7 +301,7 @@ def test_databricks_unknown_host(databricks_env: Path, monkeypatch: pytest.Monke
 
 
 def test_databricks_untrusted_certificate(
-    databricks_env: Path,  # noqa: F811 - the fixture
+    databricks_env: Path,
     tls_server: _TlsServer,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -322,7 +318,7 @@ def test_databricks_untrusted_certificate(
 
 
 def test_databricks_silent_server_times_out(
-    databricks_env: Path,  # noqa: F811 - the fixture
+    databricks_env: Path,
     silent_server: _Server,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -334,7 +330,7 @@ def test_databricks_silent_server_times_out(
 
 
 def test_databricks_token_refused_403(
-    loopback: LoopbackDatabricks,  # noqa: F811 - the fixture
+    loopback: LoopbackDatabricks,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     token = canary("pat")
@@ -350,7 +346,7 @@ def test_databricks_token_refused_403(
     assert not loopback.requests_to("/workspace/mkdirs")  # nothing was written
 
 
-def test_databricks_token_expired_401(loopback: LoopbackDatabricks) -> None:  # noqa: F811 - the fixture
+def test_databricks_token_expired_401(loopback: LoopbackDatabricks) -> None:
     loopback.inject_error(
         "GET",
         "/api/2.0/preview/scim/v2/Me",
@@ -365,7 +361,7 @@ def test_databricks_token_expired_401(loopback: LoopbackDatabricks) -> None:  # 
 
 
 def test_databricks_oauth_secret_refused(
-    loopback: LoopbackDatabricks,  # noqa: F811 - the fixture
+    loopback: LoopbackDatabricks,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     secret = canary("oauth")
@@ -379,13 +375,13 @@ def test_databricks_oauth_secret_refused(
 
 
 def test_databricks_oauth_closed_port(
-    databricks_env: Path,  # noqa: F811 - the fixture
+    databricks_env: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """OAuth discovers its token endpoint with the SDK's default 5-minute retry window; the
     check answers before any of that starts."""
     secret = canary("oauth")
-    monkeypatch.setenv("DATABRICKS_HOST", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("DATABRICKS_HOST", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("DATABRICKS_CLIENT_ID", "nbpipeline-sp")
     monkeypatch.setenv("DATABRICKS_CLIENT_SECRET", secret)
     err, _ = _databricks_error(databricks=client_resource_from_env())
@@ -393,7 +389,7 @@ def test_databricks_oauth_closed_port(
 
 
 def test_databricks_password_refused(
-    loopback: LoopbackDatabricks,  # noqa: F811 - the fixture
+    loopback: LoopbackDatabricks,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     password = canary("password")
@@ -404,7 +400,7 @@ def test_databricks_password_refused(
     assert_one_clean_line(err, [password], "401 UNAUTHENTICATED")
 
 
-def test_a_check_that_passed_is_not_repeated(loopback: LoopbackDatabricks) -> None:  # noqa: F811 - the fixture
+def test_a_check_that_passed_is_not_repeated(loopback: LoopbackDatabricks) -> None:
     # An explicit folder: the per-user default would ask for the user name (SCIM Me) as well.
     folder = "/Shared/nbpipeline-check-once"
     make_backend(workspace_dir=folder).run_notebook("Notebook1", PARAMS)
@@ -413,7 +409,7 @@ def test_a_check_that_passed_is_not_repeated(loopback: LoopbackDatabricks) -> No
 
 
 def test_transient_errors_after_the_check_keep_their_retries(
-    loopback: LoopbackDatabricks,  # noqa: F811 - the fixture
+    loopback: LoopbackDatabricks,
 ) -> None:
     """The check runs once; a 503 during the run is still retried by the SDK as before."""
     loopback.inject_error("POST", "/api/2.0/workspace/mkdirs", status=503, times=2)
@@ -427,7 +423,7 @@ def test_transient_errors_after_the_check_keep_their_retries(
 
 @pytest.mark.dagster
 def test_a_step_fails_fast_without_retries_and_no_event_holds_the_secret(
-    databricks_env: Path,  # noqa: F811 - the fixture
+    databricks_env: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A run launched from the UI has no CLI check before it: its first step checks, fails at
@@ -435,7 +431,7 @@ def test_a_step_fails_fast_without_retries_and_no_event_holds_the_secret(
     from nbpipeline.defs.assets import NOTEBOOK_ASSETS
 
     token = canary("pat")
-    monkeypatch.setenv("DATABRICKS_HOST", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("DATABRICKS_HOST", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("DATABRICKS_TOKEN", token)
     started = time.monotonic()
     result = dg.materialize(
@@ -474,7 +470,7 @@ def _cli(args: list[str], home: Path, **env: str) -> tuple[int, str, str, float]
 )
 def test_cli_prints_one_error_and_a_hint_in_seconds_and_writes_nothing(
     case: str,
-    databricks_env: Path,  # noqa: F811 - the fixture
+    databricks_env: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -484,7 +480,7 @@ def test_cli_prints_one_error_and_a_hint_in_seconds_and_writes_nothing(
     server = None
     if case == "spark-closed-port":
         args = ["tables"]
-        env = {"NBPIPELINE_SPARK_REMOTE": f"sc://127.0.0.1:{_free_port()}/;token={secret}"}
+        env = {"NBPIPELINE_SPARK_REMOTE": f"sc://127.0.0.1:{free_port()}/;token={secret}"}
         expected = "connection refused"
     elif case == "spark-unknown-host":
         args = ["run", "sequential"]
@@ -494,7 +490,7 @@ def test_cli_prints_one_error_and_a_hint_in_seconds_and_writes_nothing(
         args = ["run", "parallel"]
         env = {
             "NBPIPELINE_BACKEND": "databricks",
-            "DATABRICKS_HOST": f"http://127.0.0.1:{_free_port()}",
+            "DATABRICKS_HOST": f"http://127.0.0.1:{free_port()}",
             "DATABRICKS_TOKEN": secret,
         }
         expected = "connection refused"
@@ -530,7 +526,7 @@ def test_a_local_step_with_an_unreachable_remote_fails_fast_and_hides_the_token(
     from nbpipeline.local.backend import LocalNotebookBackend
 
     token = canary("sc")
-    monkeypatch.setenv("NBPIPELINE_SPARK_REMOTE", f"sc://127.0.0.1:{_free_port()}/;token={token}")
+    monkeypatch.setenv("NBPIPELINE_SPARK_REMOTE", f"sc://127.0.0.1:{free_port()}/;token={token}")
     instance = dg.DagsterInstance.ephemeral()
     started = time.monotonic()
     result = dg.materialize(

@@ -7,12 +7,10 @@ The user's table here is made the way a user's would be: plain SQL, no demo mark
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Mapping
 from typing import Any
 
 import dagster as dg
@@ -21,7 +19,6 @@ from dagster._core.definitions.data_version import StaleStatus
 from dagster._core.definitions.observe import observe
 from dagster._utils.test.data_versions import get_stale_status_resolver
 
-from nbpipeline.backend import NotebookBackend, NotebookResult
 from nbpipeline.defs.assets import ALL_ASSETS, ORDERS_KEY, op_config, orders
 from nbpipeline.defs.resources import SPARK_REMOTE_ENV
 from nbpipeline.defs.sensors import SENSOR_NAME, evaluate, run_key
@@ -33,6 +30,7 @@ from nbpipeline.local import seed
 from nbpipeline.local.backend import LocalNotebookBackend
 from nbpipeline.settings import PROJECT_ROOT
 from nbpipeline.tables import OUTPUT_TABLES
+from nbpipeline_tests.fakes.backend import NotebooksOnlyBackend
 
 USER_ROWS = 300
 
@@ -50,27 +48,6 @@ def make_user_table(spark: Any, schema: str, name: str = "their_orders") -> str:
     spark.sql(f"CREATE TABLE {table} USING DELTA AS SELECT * FROM {demo}")
     assert not seed.is_demo_table(spark, parse_table(table))
     return table
-
-
-class NotebooksOnlyBackend(NotebookBackend):
-    """A backend without a Spark session of its own, as Databricks without a Spark Connect URL."""
-
-    @property
-    def backend_name(self) -> str:
-        return "remote-only"
-
-    def engine_address(self) -> str:
-        return "https://workspace.invalid"
-
-    def run_notebook(
-        self,
-        notebook: str,
-        parameters: Mapping[str, str],
-        *,
-        timeout_seconds: int = 3600,
-        log: logging.Logger | None = None,
-    ) -> NotebookResult:
-        raise AssertionError("no notebook runs in these tests")
 
 
 # --------------------------------------------------------------------------- demo data

@@ -16,7 +16,7 @@ from nbpipeline.defs.tags import SOURCE_VERSION_TAG, SOURCE_VERSIONS_TAG
 from nbpipeline.local.seed import seed_orders
 from nbpipeline.tables import OUTPUT_TABLES
 from nbpipeline_tests import contract_oracle as oracle
-from nbpipeline_tests.test_contract import assert_table_equal, collect
+from nbpipeline_tests.helpers import assert_table_equal, collect, materializations
 
 pytestmark = [pytest.mark.spark, pytest.mark.dagster]
 
@@ -63,13 +63,7 @@ def test_every_step_reads_one_source_version_while_the_source_changes(
         ) as result:
             assert result.success, [e.message for e in result.get_step_failure_events()]
             run_id = result.run_id
-            mats = {
-                e.asset_key.to_user_string(): {
-                    k: getattr(v, "value", v)
-                    for k, v in e.step_materialization_data.materialization.metadata.items()
-                }
-                for e in result.get_asset_materialization_events()
-            }
+            mats = materializations(result)
             checks = result.get_asset_check_evaluations()
     finally:
         writer.stop.set()

@@ -1,136 +1,17 @@
-"""Shared fixtures and fakes for the Databricks tests (imported by the test modules).
-
-Not a conftest.py: that file belongs to the rest of the suite. Test modules import what they use.
-"""
+"""A scripted fake WorkspaceClient for tests at the SDK boundary (no HTTP at all): `ws.jobs`
+returns real databricks-sdk dataclasses from a script of run states."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-import dagster as dg
 import pytest
 from databricks.sdk.errors import NotFound
 from databricks.sdk.service import jobs, workspace
 
-try:  # works whether or not nbpipeline_tests is a package
-    from nbpipeline_tests.databricks_loopback import Behaviour, LoopbackDatabricks
-except ImportError:  # pragma: no cover - rootdir-relative import
-    from databricks_loopback import Behaviour, LoopbackDatabricks  # type: ignore[no-redef]
-
 import nbpipeline.databricks.backend as dbmod
-import nbpipeline.databricks.sync as dbmod_sync
-from nbpipeline.databricks.backend import DatabricksNotebookBackend
-
-TOKEN = "dapi-loopback-0123456789abcdef"
-NOTEBOOKS = ("Notebook1", "Notebook2", "Notebook3", "Notebook4")
-
-# Environment variables the Databricks SDK's unified auth reads; a developer's own settings must
-# not leak into (or break) the tests.
-_SDK_ENV = (
-    "DATABRICKS_HOST",
-    "DATABRICKS_TOKEN",
-    "DATABRICKS_CLIENT_ID",
-    "DATABRICKS_CLIENT_SECRET",
-    "DATABRICKS_CONFIG_PROFILE",
-    "DATABRICKS_AUTH_TYPE",
-    "DATABRICKS_USERNAME",
-    "DATABRICKS_PASSWORD",
-    "DATABRICKS_CLUSTER_ID",
-    "DATABRICKS_DEBUG_HEADERS",
-    "ARM_CLIENT_ID",
-    "ARM_CLIENT_SECRET",
-    "ARM_TENANT_ID",
-    "NBPIPELINE_DATABRICKS_WORKSPACE_DIR",
-    "NBPIPELINE_DATABRICKS_SPARK_VERSION",
-    "NBPIPELINE_DATABRICKS_NODE_TYPE_ID",
-)
-
-
-def write_notebooks(folder: Path) -> Path:
-    """Four small Databricks-source notebooks, the orchestration and pin notebooks, and the
-    `_common` helper they %run."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in NOTEBOOKS:
-        (folder / f"{name}.py").write_text(
-            "# Databricks notebook source\n"
-            "# MAGIC %run ./_common\n\n"
-            "# COMMAND ----------\n\n"
-            'dbutils.widgets.text("source_table", "nbpipeline.orders")\n'
-            + (
-                'dbutils.widgets.text("high_value_threshold", "1000.00")\n'
-                if name == "Notebook4"
-                else ""
-            )
-            + f'dbutils.notebook.exit(json.dumps({{"notebook": "{name}", "tables": []}}))\n'
-        )
-    for name in ("SequentialOrchestration", "ParallelOrchestration", "PinSourceVersion"):
-        (folder / f"{name}.py").write_text(
-            "# Databricks notebook source\n"
-            f'dbutils.notebook.exit(json.dumps({{"notebook": "{name}"}}))\n'
-        )
-    (folder / "_common.py").write_text("# Databricks notebook source\nimport json\n")
-    return folder
-
-
-@pytest.fixture
-def databricks_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """A clean environment: no SDK variables, no ~/.databrickscfg, notebooks in tmp_path."""
-    for name in _SDK_ENV:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("DATABRICKS_CONFIG_FILE", str(tmp_path / "no-databrickscfg"))
-    monkeypatch.setenv("NBPIPELINE_HOME", str(tmp_path / "home"))
-    folder = write_notebooks(tmp_path / "notebooks")
-    monkeypatch.setenv("NBPIPELINE_NOTEBOOKS_DIR", str(folder))
-    # The once-per-process sync cache must not carry over between tests.
-    monkeypatch.setattr(dbmod_sync, "_SYNCED", {})
-    return folder
-
-
-@pytest.fixture
-def loopback(databricks_env: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LoopbackDatabricks]:
-    """A running loopback workspace, with DATABRICKS_HOST / DATABRICKS_TOKEN pointing at it."""
-    server = LoopbackDatabricks(token=TOKEN).start()
-    monkeypatch.setenv("DATABRICKS_HOST", server.host)
-    monkeypatch.setenv("DATABRICKS_TOKEN", TOKEN)
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-def make_backend(**overrides: Any) -> DatabricksNotebookBackend:
-    """The resource as bound in Definitions (a DatabricksClientResource with EnvVar host and
-    token), with fast polling for tests."""
-    from dagster_databricks import DatabricksClientResource
-
-    kwargs: dict[str, Any] = {
-        "databricks": DatabricksClientResource(
-            host=dg.EnvVar("DATABRICKS_HOST"), token=dg.EnvVar("DATABRICKS_TOKEN")
-        ),
-        "existing_cluster_id": "0101-010101-loopback",
-        "poll_initial_seconds": 0.02,
-        "poll_max_seconds": 0.2,
-        "poll_backoff": 1.5,
-        "timeout_grace_seconds": 1.0,
-        "cancel_timeout_seconds": 5.0,
-        "retry_timeout_seconds": 10,
-    }
-    kwargs.update(overrides)
-    return DatabricksNotebookBackend(**kwargs)
-
-
-def exit_json(name: str, **extra: Any) -> str:
-    import json
-
-    return json.dumps({"notebook": name, "tables": [{"table": "nbpipeline.x"}], **extra})
-
-
-# ----------------------------------------------------------------------------------------------
-# A scripted fake WorkspaceClient, for tests at the SDK boundary (no HTTP at all)
-# ----------------------------------------------------------------------------------------------
+from nbpipeline_tests.fakes.databricks_workspace import exit_json
 
 
 class _Waiter:
@@ -249,7 +130,7 @@ class FakeWorkspaceApi:
             path=path, object_type=workspace.ObjectType.NOTEBOOK, language=workspace.Language.PYTHON
         )
 
-    def export(self, path: str, *, format: Any = None) -> workspace.ExportResponse:  # noqa: A002
+    def export(self, path: str, *, format: Any = None) -> workspace.ExportResponse:
         import base64
 
         return workspace.ExportResponse(content=base64.b64encode(self.files[path]).decode())
@@ -278,24 +159,3 @@ class FakeWorkspaceClient:
 def use_fake_client(monkeypatch: pytest.MonkeyPatch, fake: FakeWorkspaceClient) -> None:
     """Make every backend in this test talk to `fake` instead of a real WorkspaceClient."""
     monkeypatch.setattr(dbmod, "make_workspace_client", lambda host, token, **_: fake)
-
-
-def canary_token() -> str:
-    return "dapi-canary-" + os.urandom(12).hex()
-
-
-__all__ = [
-    "NOTEBOOKS",
-    "TOKEN",
-    "Behaviour",
-    "FakeJobs",
-    "FakeWorkspaceClient",
-    "LoopbackDatabricks",
-    "canary_token",
-    "databricks_env",
-    "exit_json",
-    "loopback",
-    "make_backend",
-    "use_fake_client",
-    "write_notebooks",
-]

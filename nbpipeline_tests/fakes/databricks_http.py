@@ -1,20 +1,16 @@
 """A loopback Databricks workspace for tests: a real HTTP server speaking a documented subset of
 the REST API, so databricks-sdk's own client (auth header, JSON, error mapping, retries) runs
-unmodified against it.
+unmodified against it. This module is the HTTP layer (routes, request parsing, JSON responses);
+run life cycles are planned by fakes.databricks_runs.
 
 Covered: SCIM Me; workspace get-status / import / export / mkdirs; jobs list (paginated with
 page_token / next_page_token / has_more), create, reset, get, run-now; runs submit, get,
 get-output, cancel, list.
 
-Runs follow realistic life cycles computed from the wall clock: PENDING (queue, then cluster
-setup) -> RUNNING -> TERMINATING -> TERMINATED with result SUCCESS / FAILED / TIMEDOUT /
-CANCELED, or INTERNAL_ERROR after setup, or SKIPPED at once. A task running `SequentialOrchestration`
-or `ParallelOrchestration` starts Notebook1..4 as WORKFLOW_RUNs (what `dbutils.notebook.run` does)
-one after another or all at once, and lasts as long as they do. Durations are configurable per
-notebook (`behave`), and every run carries Databricks-shaped fields: start_time / end_time (ms
-since the epoch), queue_duration, setup_duration, execution_duration, cleanup_duration (ms),
-run_duration, run_page_url, tasks[]. As on Databricks, a submitted run is in multi-task format:
-the parent's setup/execution/cleanup are 0 and get-output must be called with the task run id.
+Every run carries Databricks-shaped fields: start_time / end_time (ms since the epoch),
+queue_duration, setup_duration, execution_duration, cleanup_duration (ms), run_duration,
+run_page_url, tasks[]. As on Databricks, a submitted run is in multi-task format: the parent's
+setup/execution/cleanup are 0 and get-output must be called with the task run id.
 
 The server checks `Authorization: Bearer <token>`, honours idempotency tokens (same token -> same
 run id), and records every request so tests can assert exactly what it received. Errors can be
@@ -32,38 +28,29 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-RESULTS = ("SUCCESS", "FAILED", "TIMEDOUT", "CANCELED", "INTERNAL_ERROR", "SKIPPED")
-ORCHESTRATIONS = ("SequentialOrchestration", "ParallelOrchestration")
-CHILD_NOTEBOOKS = ("Notebook1", "Notebook2", "Notebook3", "Notebook4")
-CHILD_GAP_S = 0.05
+from nbpipeline_tests.fakes.databricks_runs import (
+    RESULTS,
+    Behaviour,
+    Phases,
+    Run,
+    Task,
+    child_runs,
+    ms,
+    orchestration_children,
+    parent_state,
+    plan,
+    state_at,
+    status,
+    task_output,
+)
+
 NOTEBOOK_HEADER = "# Databricks notebook source\n"
 WORKSPACE_ORG_ID = "1234567890123456"
-
-
-@dataclass(frozen=True)
-class Behaviour:
-    """How a notebook's simulated run goes. Durations in (real) seconds."""
-
-    result: str = "SUCCESS"
-    queue_s: float = 0.0
-    setup_s: float = 0.05
-    execution_s: float = 0.2
-    cleanup_s: float = 0.05
-    error: str = "ZeroDivisionError: division by zero"
-    error_trace: str = (
-        "---------------------------------------------------------------------------\n"
-        "ZeroDivisionError                         Traceback (most recent call last)\n"
-        "File <command-1>, line 3\n----> 3 1 / 0\n\nZeroDivisionError: division by zero"
-    )
-    state_message: str | None = None
-    # The `dbutils.notebook.exit` string: a str, a callable(base_parameters) -> str, or None
-    # for a valid default that echoes the parameters back.
-    exit_value: str | Callable[[dict[str, str]], str] | None = None
 
 
 @dataclass
@@ -77,62 +64,10 @@ class Recorded:
     at: float
 
 
-@dataclass
-class _Task:
-    run_id: int
-    task_key: str
-    notebook_path: str
-    params: dict[str, str]
-    behaviour: Behaviour
-    depends_on: list[str]
-    timeout_s: float
-    compute: dict[str, Any]
-    spec: dict[str, Any]
-    notebook_missing: bool = False
-    # An orchestration notebook: the notebook runs it starts with dbutils.notebook.run, as
-    # (name, seconds after its execution starts, execution seconds), and its own execution time.
-    children: list[tuple[str, float, float]] = field(default_factory=list)
-    orchestration_s: float | None = None
-
-
-@dataclass
-class _Run:
-    run_id: int
-    job_id: int
-    run_name: str
-    run_type: str
-    created: float
-    tasks: list[_Task]
-    timeout_s: float
-    idempotency_token: str | None
-    number_in_job: int
-    job_parameters: dict[str, str] = field(default_factory=dict)
-    cancel_at: float | None = None
-
-
-@dataclass
-class _Phases:
-    """A task's timeline (epoch seconds). `ready` is when it may start; None: never starts."""
-
-    ready: float | None
-    queue_end: float = 0.0
-    setup_end: float = 0.0
-    exec_end: float = 0.0
-    end: float = 0.0
-    life: str = "TERMINATED"  # life cycle state once finished
-    result: str | None = "SUCCESS"
-    message: str = ""
-    user_cancelled_or_timedout: bool = False
-
-
 class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str, *, retry_after: int | None = None):
         super().__init__(message)
         self.status, self.code, self.message, self.retry_after = status, code, message, retry_after
-
-
-def _ms(t: float | None) -> int:
-    return int(round(t * 1000)) if t else 0
 
 
 class LoopbackDatabricks:
@@ -154,7 +89,7 @@ class LoopbackDatabricks:
         self.requests: list[Recorded] = []
         self.objects: dict[str, dict[str, Any]] = {}
         self.jobs: dict[int, dict[str, Any]] = {}
-        self.runs: dict[int, _Run] = {}
+        self.runs: dict[int, Run] = {}
         self._task_parent: dict[int, int] = {}
         self._tokens: dict[str, int] = {}
         self._injections: list[dict[str, Any]] = []
@@ -206,9 +141,7 @@ class LoopbackDatabricks:
         if "result" in changes and changes["result"] not in RESULTS:
             raise ValueError(f"result must be one of {RESULTS}")
         with self._lock:
-            self.behaviours[notebook] = replace(
-                self.behaviours.get(notebook, self.default), **changes
-            )
+            self.behaviours[notebook] = replace(self._behaviour(notebook), **changes)
 
     def set_output(self, notebook: str, value: dict[str, Any] | str) -> None:
         """What `notebook` passes to dbutils.notebook.exit on success."""
@@ -265,7 +198,7 @@ class LoopbackDatabricks:
         """The server's own view of a run: start/end and phase durations in seconds."""
         with self._lock:
             run = self._run_for(run_id)
-            phases = self._plan(run)
+            phases = plan(run)
             out = []
             for task in run.tasks:
                 p = phases[task.run_id]
@@ -350,8 +283,6 @@ class LoopbackDatabricks:
         headers = {"Retry-After": str(inj["retry_after"])} if inj["retry_after"] is not None else {}
         return inj["status"], {"error_code": inj["code"], "message": inj["message"]}, headers
 
-    # -- identity ---------------------------------------------------------------------------------
-
     # -- workspace --------------------------------------------------------------------------------
 
     def _mkdir(self, path: str) -> None:
@@ -407,7 +338,7 @@ class LoopbackDatabricks:
         text = text.replace("\r\n", "\n")
         if not text.startswith(NOTEBOOK_HEADER.strip()):
             text = NOTEBOOK_HEADER + text
-        now = _ms(time.time())
+        now = ms(time.time())
         self._next_object += 1
         self.objects[path] = {
             "object_type": "NOTEBOOK",
@@ -475,9 +406,9 @@ class LoopbackDatabricks:
 
     def _create_job(self, settings: dict[str, Any]) -> int:
         self._validate_settings(settings)
-        self._next_job += 1
-        self.jobs[self._next_job] = {"settings": settings, "created_time": _ms(time.time())}
-        return self._next_job
+        job_id = self._new_job_id()
+        self.jobs[job_id] = {"settings": settings, "created_time": ms(time.time())}
+        return job_id
 
     def _job(self, job_id: Any) -> dict[str, Any]:
         try:
@@ -580,32 +511,21 @@ class LoopbackDatabricks:
         self._next_id += 1
         return self._next_id
 
-    def _make_task(self, spec: dict[str, Any], default_timeout: float, compute: dict) -> _Task:
+    def _make_task(self, spec: dict[str, Any], default_timeout: float, compute: dict) -> Task:
         nb = spec.get("notebook_task")
         if not nb or not nb.get("notebook_path"):
             raise ApiError(400, "INVALID_PARAMETER_VALUE", "Only notebook tasks are simulated")
         path = nb["notebook_path"]
         name = path.rstrip("/").rsplit("/", 1)[-1]
-        children: list[tuple[str, float, float]] = []
-        orchestration_s = None
-        if name in ORCHESTRATIONS:
-            # dbutils.notebook.run starts each child as an ephemeral run on the same compute:
-            # no queue or cluster setup, a short start-up gap each.
-            offset = 0.0
-            for child in CHILD_NOTEBOOKS:
-                b = self.behaviours.get(child, self.default)
-                children.append((child, offset + CHILD_GAP_S, b.execution_s))
-                if name == "SequentialOrchestration":
-                    offset += CHILD_GAP_S + b.execution_s
-            orchestration_s = max(o + e for _, o, e in children) + CHILD_GAP_S
-        return _Task(
+        children, orchestration_s = orchestration_children(name, self._behaviour)
+        return Task(
             children=children,
             orchestration_s=orchestration_s,
             run_id=self._new_id(),
             task_key=spec["task_key"],
             notebook_path=path,
             params=dict(nb.get("base_parameters") or {}),
-            behaviour=self.behaviours.get(name, self.default),
+            behaviour=self._behaviour(name),
             depends_on=[d["task_key"] for d in spec.get("depends_on", [])],
             timeout_s=float(spec.get("timeout_seconds") or default_timeout or 0),
             compute=compute,
@@ -613,66 +533,23 @@ class LoopbackDatabricks:
             notebook_missing=self.objects.get(path, {}).get("object_type") != "NOTEBOOK",
         )
 
-    def _register(self, run: _Run) -> None:
+    def _register(self, run: Run) -> None:
         self.runs[run.run_id] = run
         for task in run.tasks:
             self._task_parent[task.run_id] = run.run_id
         if run.idempotency_token:
             self._tokens[run.idempotency_token] = run.run_id
         if any(t.children for t in run.tasks):
-            self._spawn_children(run)
-
-    def _spawn_children(self, run: _Run) -> None:
-        """The WORKFLOW_RUNs an orchestration task starts; each appears once its start is due."""
-        plans = self._plan(run)
-        for task in run.tasks:
-            p = plans[task.run_id]
-            if not task.children or p.ready is None:
-                continue
-            folder = task.notebook_path.rsplit("/", 1)[0]
-            for name, offset, execution in task.children:
-                params = {k: v for k, v in task.params.items() if k != "timeout_seconds"}
-                if name != "Notebook4":
-                    params.pop("high_value_threshold", None)
-                behaviour = replace(
-                    self.behaviours.get(name, self.default),
-                    queue_s=0.0,
-                    setup_s=0.0,
-                    cleanup_s=0.0,
-                    execution_s=execution,
-                )
-                spec = {
-                    "task_key": name,
-                    "notebook_task": {
-                        "notebook_path": f"{folder}/{name}",
-                        "base_parameters": params,
-                    },
-                }
-                child_task = _Task(
-                    run_id=self._new_id(),
-                    task_key=name,
-                    notebook_path=f"{folder}/{name}",
-                    params=params,
-                    behaviour=behaviour,
-                    depends_on=[],
-                    timeout_s=0,
-                    compute={},
-                    spec=spec,
-                )
-                self._next_job += 1
-                child = _Run(
-                    run_id=self._new_id(),
-                    job_id=self._next_job,
-                    run_name=name,
-                    run_type="WORKFLOW_RUN",
-                    created=p.setup_end + offset,
-                    tasks=[child_task],
-                    timeout_s=0,
-                    idempotency_token=None,
-                    number_in_job=1,
-                )
+            for child in child_runs(run, self._behaviour, self._new_id, self._new_job_id):
                 self.runs[child.run_id] = child
-                self._task_parent[child_task.run_id] = child.run_id
+                self._task_parent[child.tasks[0].run_id] = child.run_id
+
+    def _behaviour(self, notebook: str) -> Behaviour:
+        return self.behaviours.get(notebook, self.default)
+
+    def _new_job_id(self) -> int:
+        self._next_job += 1
+        return self._next_job
 
     def _check_token(self, token: str | None) -> int | None:
         if token is None:
@@ -706,10 +583,9 @@ class LoopbackDatabricks:
                 )
             compute = {k: spec[k] for k in ("existing_cluster_id", "new_cluster") if k in spec}
             tasks.append(self._make_task(spec, float(b.get("timeout_seconds") or 0), compute))
-        self._next_job += 1  # one-time runs get an ephemeral job id, as on Databricks
-        run = _Run(
+        run = Run(
             run_id=self._new_id(),
-            job_id=self._next_job,
+            job_id=self._new_job_id(),  # one-time runs get an ephemeral job id, as on Databricks
             run_name=b.get("run_name") or "Untitled",
             run_type="SUBMIT_RUN",
             created=time.time(),
@@ -738,7 +614,7 @@ class LoopbackDatabricks:
             }
             tasks.append(self._make_task(spec, 0, compute))
         number = 1 + sum(1 for r in self.runs.values() if r.job_id == job_id)
-        run = _Run(
+        run = Run(
             run_id=self._new_id(),
             job_id=job_id,
             run_name=settings["name"],
@@ -753,7 +629,7 @@ class LoopbackDatabricks:
         self._register(run)
         return {"run_id": run.run_id, "number_in_job": number}
 
-    def _run_for(self, run_id: Any) -> _Run:
+    def _run_for(self, run_id: Any) -> Run:
         try:
             rid = int(run_id)
         except (TypeError, ValueError):
@@ -763,108 +639,7 @@ class LoopbackDatabricks:
             raise ApiError(400, "INVALID_PARAMETER_VALUE", f"Run {run_id} does not exist.")
         return self.runs[rid]
 
-    def _plan(self, run: _Run) -> dict[int, _Phases]:
-        """Every task's timeline, fixed by creation time, behaviours and any cancel request."""
-        plans: dict[int, _Phases] = {}
-        by_key = {t.task_key: t for t in run.tasks}
-        cancel = run.cancel_at
-
-        def plan(task: _Task) -> _Phases:
-            if task.run_id in plans:
-                return plans[task.run_id]
-            deps = [plan(by_key[k]) for k in task.depends_on]
-            if deps:
-                dep_end = max(d.end for d in deps)
-                bad = [d for d in deps if d.result != "SUCCESS"]
-                if bad:
-                    result = (
-                        "UPSTREAM_CANCELED"
-                        if any(d.result == "CANCELED" for d in bad)
-                        else "UPSTREAM_FAILED"
-                    )
-                    p = _Phases(
-                        None,
-                        end=dep_end,
-                        life="SKIPPED",
-                        result=result,
-                        message="Upstream task(s) failed.",
-                    )
-                    plans[task.run_id] = p
-                    return p
-                ready = dep_end
-            else:
-                ready = run.created
-            if cancel is not None and cancel <= ready:
-                p = _Phases(
-                    None,
-                    end=cancel,
-                    life="TERMINATED",
-                    result="CANCELED",
-                    message="Run cancelled.",
-                    user_cancelled_or_timedout=True,
-                )
-                plans[task.run_id] = p
-                return p
-            b = task.behaviour
-            p = _Phases(ready)
-            if b.result == "SKIPPED":
-                p.queue_end = p.setup_end = p.exec_end = p.end = ready
-                p.life, p.result = "SKIPPED", None
-                p.message = (
-                    b.state_message
-                    or "Skipped because the maximum number of concurrent runs was reached."
-                )
-                plans[task.run_id] = p
-                return p
-            p.queue_end = ready + b.queue_s
-            p.setup_end = p.queue_end + b.setup_s
-            if b.result == "INTERNAL_ERROR":
-                p.exec_end = p.end = p.setup_end
-                p.life, p.result = "INTERNAL_ERROR", "FAILED"
-                p.message = b.state_message or (
-                    "Run failed due to an internal error: Cluster 0101-loopback terminated. "
-                    "Reason: Cloud provider launch failure"
-                )
-            else:
-                execution = b.execution_s if task.orchestration_s is None else task.orchestration_s
-                result = b.result
-                if task.notebook_missing:
-                    result, execution = "FAILED", min(execution, 0.05)
-                if b.result == "CANCELED":
-                    execution = execution / 2
-                if task.timeout_s and b.queue_s + b.setup_s + execution > task.timeout_s:
-                    # Databricks stops the run when its timeout_seconds elapse.
-                    result = "TIMEDOUT"
-                    execution = max(0.0, task.timeout_s - b.setup_s - b.queue_s)
-                p.exec_end = p.setup_end + execution
-                p.result = result
-                p.message = b.state_message or {
-                    "SUCCESS": "",
-                    "FAILED": "Workload failed, see run output for details",
-                    "TIMEDOUT": f"Run timed out after {task.timeout_s:g} seconds",
-                    "CANCELED": "Run cancelled by user@example.com.",
-                }.get(result, "")
-                p.user_cancelled_or_timedout = result in ("TIMEDOUT", "CANCELED")
-            if cancel is not None and cancel < p.exec_end:
-                # A cancel cuts the phase in progress short, then the cluster cleans up.
-                if cancel < p.queue_end:
-                    p.queue_end = p.setup_end = p.exec_end = cancel
-                elif cancel < p.setup_end:
-                    p.setup_end = p.exec_end = cancel
-                else:
-                    p.exec_end = cancel
-                p.life, p.result = "TERMINATED", "CANCELED"
-                p.message, p.user_cancelled_or_timedout = "Run cancelled.", True
-            if p.life != "INTERNAL_ERROR":
-                p.end = p.exec_end + b.cleanup_s
-            plans[task.run_id] = p
-            return p
-
-        for task in run.tasks:
-            plan(task)
-        return plans
-
-    def _task_json(self, run: _Run, task: _Task, p: _Phases, now: float) -> dict[str, Any]:
+    def _task_json(self, run: Run, task: Task, p: Phases, now: float) -> dict[str, Any]:
         out: dict[str, Any] = {
             "run_id": task.run_id,
             "task_key": task.task_key,
@@ -876,7 +651,7 @@ class LoopbackDatabricks:
         }
         if not out["depends_on"]:
             del out["depends_on"]
-        life, result, message = self._state_at(p, now)
+        life, result, message = state_at(p, now)
         out["state"] = {
             "life_cycle_state": life,
             "state_message": message,
@@ -884,25 +659,25 @@ class LoopbackDatabricks:
         }
         if result is not None:
             out["state"]["result_state"] = result
-        out["status"] = self._status(life, result, message)
+        out["status"] = status(life, result, message)
         if p.ready is None or now < p.ready:
             out.update(
                 start_time=0,
                 setup_duration=0,
                 execution_duration=0,
                 cleanup_duration=0,
-                end_time=_ms(p.end) if now >= p.end and p.ready is None else 0,
+                end_time=ms(p.end) if now >= p.end and p.ready is None else 0,
             )
             return out
         # Phases are reported once they are over, like Databricks does.
-        out["start_time"] = _ms(p.ready)
-        out["queue_duration"] = _ms(p.queue_end) - _ms(p.ready) if now >= p.queue_end else 0
-        out["setup_duration"] = _ms(p.setup_end) - _ms(p.queue_end) if now >= p.setup_end else 0
-        out["execution_duration"] = _ms(p.exec_end) - _ms(p.setup_end) if now >= p.exec_end else 0
-        out["cleanup_duration"] = _ms(p.end) - _ms(p.exec_end) if now >= p.end else 0
-        out["end_time"] = _ms(p.end) if now >= p.end else 0
+        out["start_time"] = ms(p.ready)
+        out["queue_duration"] = ms(p.queue_end) - ms(p.ready) if now >= p.queue_end else 0
+        out["setup_duration"] = ms(p.setup_end) - ms(p.queue_end) if now >= p.setup_end else 0
+        out["execution_duration"] = ms(p.exec_end) - ms(p.setup_end) if now >= p.exec_end else 0
+        out["cleanup_duration"] = ms(p.end) - ms(p.exec_end) if now >= p.end else 0
+        out["end_time"] = ms(p.end) if now >= p.end else 0
         if now >= p.end:
-            out["run_duration"] = _ms(p.end) - _ms(p.ready)
+            out["run_duration"] = ms(p.end) - ms(p.ready)
         if now >= p.queue_end and "existing_cluster_id" in task.compute:
             out["cluster_instance"] = {
                 "cluster_id": task.compute["existing_cluster_id"],
@@ -910,75 +685,15 @@ class LoopbackDatabricks:
             }
         return out
 
-    @staticmethod
-    def _state_at(p: _Phases, now: float) -> tuple[str, str | None, str]:
-        if now >= p.end and (p.ready is None or now >= p.ready):
-            return p.life, p.result, p.message
-        if p.ready is None or now < p.ready:
-            return "PENDING", None, "Waiting for upstream tasks"
-        if now < p.queue_end:
-            return "PENDING", None, "Waiting in the queue"
-        if now < p.setup_end:
-            return "PENDING", None, "Waiting for cluster"
-        if now < p.exec_end:
-            return "RUNNING", None, "In run"
-        return "TERMINATING", None, "Cleaning up"
-
-    @staticmethod
-    def _status(life: str, result: str | None, message: str) -> dict[str, Any]:
-        state = {"INTERNAL_ERROR": "TERMINATED", "SKIPPED": "TERMINATED"}.get(life, life)
-        status: dict[str, Any] = {"state": state}
-        if state == "TERMINATED":
-            code = {
-                "SUCCESS": "SUCCESS",
-                "FAILED": "RUN_EXECUTION_ERROR",
-                "TIMEDOUT": "TIMED_OUT",
-                "CANCELED": "CANCELED",
-            }.get(result or "", "INTERNAL_ERROR" if life == "INTERNAL_ERROR" else "SKIPPED")
-            status["termination_details"] = {
-                "code": code,
-                "message": message,
-                "type": "SUCCESS" if code == "SUCCESS" else "CLIENT_ERROR",
-            }
-        return status
-
     def _url(self, job_id: int, run_id: int) -> str:
         return f"{self.host}/?o={WORKSPACE_ORG_ID}#job/{job_id}/run/{run_id}"
 
-    def _run_json(self, run: _Run, now: float) -> dict[str, Any]:
-        plans = self._plan(run)
+    def _run_json(self, run: Run, now: float) -> dict[str, Any]:
+        plans = plan(run)
         tasks = [self._task_json(run, t, plans[t.run_id], now) for t in run.tasks]
-        task_states = [self._state_at(plans[t.run_id], now) for t in run.tasks]
-        done = all(s[0] in ("TERMINATED", "SKIPPED", "INTERNAL_ERROR") for s in task_states)
+        task_states = [state_at(plans[t.run_id], now) for t in run.tasks]
+        done, life, result, message = parent_state(run, task_states)
         end = max(p.end for p in plans.values())
-        if done:
-            results = [s[1] for s in task_states]
-            lives = [s[0] for s in task_states]
-            if len(run.tasks) == 1:
-                life, result, message = task_states[0]
-            else:
-                life = "INTERNAL_ERROR" if "INTERNAL_ERROR" in lives else "TERMINATED"
-                if all(r == "SUCCESS" for r in results):
-                    result, message = "SUCCESS", ""
-                elif run.cancel_at is not None or "CANCELED" in results:
-                    result, message = "CANCELED", "Run cancelled."
-                elif "TIMEDOUT" in results:
-                    result, message = "TIMEDOUT", "Run timed out."
-                else:
-                    result = "FAILED"
-                    failed = sum(
-                        1
-                        for r in results
-                        if r not in ("SUCCESS",) and not str(r).startswith("UPSTREAM")
-                    )
-                    message = f"{failed} out of {len(results)} tasks failed"
-        else:
-            result = None
-            # Once any task has got past PENDING the parent run stays RUNNING to the end.
-            if any(s[0] != "PENDING" for s in task_states):
-                life, message = "RUNNING", "In run"
-            else:
-                life, message = "PENDING", task_states[0][2]
         out: dict[str, Any] = {
             "job_id": run.job_id,
             "run_id": run.run_id,
@@ -989,25 +704,25 @@ class LoopbackDatabricks:
             "creator_user_name": self.user,
             "format": "MULTI_TASK",
             "run_page_url": self._url(run.job_id, run.run_id),
-            "start_time": _ms(run.created),
+            "start_time": ms(run.created),
             # Multi-task format: the parent's phase durations are 0; run_duration carries the total.
             "setup_duration": 0,
             "execution_duration": 0,
             "cleanup_duration": 0,
             "queue_duration": tasks[0].get("queue_duration", 0) if tasks else 0,
-            "end_time": _ms(end) if done else 0,
+            "end_time": ms(end) if done else 0,
             "tasks": tasks,
             "state": {
                 "life_cycle_state": life,
                 "state_message": message,
                 "user_cancelled_or_timedout": run.cancel_at is not None and done,
             },
-            "status": self._status(life, result, message),
+            "status": status(life, result, message),
         }
         if result is not None:
             out["state"]["result_state"] = result
         if done:
-            out["run_duration"] = _ms(end) - _ms(run.created)
+            out["run_duration"] = ms(end) - ms(run.created)
         if run.job_parameters:
             out["job_parameters"] = [{"name": k, "value": v} for k, v in run.job_parameters.items()]
         return out
@@ -1017,7 +732,7 @@ class LoopbackDatabricks:
         if int(q["run_id"]) != run.run_id:
             # A task run id: answer with the task, as Databricks does for task runs.
             task = next(t for t in run.tasks if t.run_id == int(q["run_id"]))
-            return self._task_json(run, task, self._plan(run)[task.run_id], time.time())
+            return self._task_json(run, task, plan(run)[task.run_id], time.time())
         return self._run_json(run, time.time())
 
     def _runs_get_output(self, q: dict, _b: dict) -> dict:
@@ -1032,43 +747,14 @@ class LoopbackDatabricks:
             )
         task = next(t for t in run.tasks if t.run_id == rid)
         now = time.time()
-        p = self._plan(run)[task.run_id]
+        p = plan(run)[task.run_id]
         meta = self._task_json(run, task, p, now)
-        life, result, _ = self._state_at(p, now)
+        life, result, _ = state_at(p, now)
         out: dict[str, Any] = {"metadata": meta}
         if life != "TERMINATED":
             return out
-        if result == "SUCCESS":
-            b = task.behaviour
-            raw = b.exit_value(task.params) if callable(b.exit_value) else b.exit_value
-            if raw is None and task.children:
-                raw = json.dumps(self._orchestration_exit(task))
-            if raw is None:
-                raw = json.dumps(_default_exit(task, p))
-            out["notebook_output"] = {"result": raw, "truncated": False}
-        elif result == "FAILED":
-            if task.notebook_missing:
-                out["error"] = (
-                    "com.databricks.WorkflowException: com.databricks.NotebookExecutionException: "
-                    f'FAILED: Unable to access the notebook "{task.notebook_path}".'
-                )
-            else:
-                out["error"] = task.behaviour.error
-                out["error_trace"] = task.behaviour.error_trace
+        out.update(task_output(task, p, result))
         return out
-
-    def _orchestration_exit(self, task: _Task) -> dict[str, Any]:
-        mode = (
-            "sequential" if task.notebook_path.endswith("SequentialOrchestration") else "parallel"
-        )
-        return {
-            "mode": mode,
-            "wall_s": task.orchestration_s,
-            "notebooks": [
-                {"notebook": n, "start_offset_s": round(o, 3), "duration_s": round(e, 3)}
-                for n, o, e in task.children
-            ],
-        }
 
     def _scim_me(self, _q: dict, _b: dict) -> dict:
         return {"id": "4242", "userName": self.user, "active": True, "displayName": "Loopback"}
@@ -1089,9 +775,9 @@ class LoopbackDatabricks:
                 continue
             if q.get("run_type") and q["run_type"] != run.run_type:
                 continue
-            if q.get("start_time_from") and _ms(run.created) < int(q["start_time_from"]):
+            if q.get("start_time_from") and ms(run.created) < int(q["start_time_from"]):
                 continue
-            if q.get("start_time_to") and _ms(run.created) > int(q["start_time_to"]):
+            if q.get("start_time_to") and ms(run.created) > int(q["start_time_to"]):
                 continue
             shown = self._run_json(run, now)
             active = shown["state"]["life_cycle_state"] in (
@@ -1108,22 +794,6 @@ class LoopbackDatabricks:
                 shown.pop("tasks", None)
             listed.append(shown)
         return self._page(listed, q, "runs")
-
-
-def _default_exit(task: _Task, p: _Phases) -> dict[str, Any]:
-    name = task.notebook_path.rsplit("/", 1)[-1]
-    return {
-        "notebook": name,
-        "started_at": p.setup_end,
-        "ended_at": p.exec_end,
-        "duration_s": round(p.exec_end - p.setup_end, 3),
-        "source_table": task.params.get("source_table"),
-        "source_version": 1,
-        "rows_read": 0,
-        "rows_rejected": 0,
-        "parameters": dict(task.params),
-        "tables": [],
-    }
 
 
 def _normalize(path: str) -> str:
@@ -1176,5 +846,5 @@ class _Handler(BaseHTTPRequestHandler):
     do_GET = _serve
     do_POST = _serve
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         """Silent: the stdlib would write every request line to stderr."""

@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ from nbpipeline.instance import PROJECT_DAGSTER_YAML
 from nbpipeline.runs import FIRST_RUN_ROWS_ENV
 from nbpipeline.settings import DEFAULT_SOURCE_TABLE, PROJECT_ROOT
 from nbpipeline.tables import OUTPUT_TABLES
+from nbpipeline_tests.helpers import free_port
 
 pytestmark = [pytest.mark.ui, pytest.mark.spark, pytest.mark.dagster, pytest.mark.slow]
 
@@ -60,12 +60,6 @@ NOTEBOOK_STEP = re.compile(r"^Notebook[1-4]$")
 # minutes on a busy 2-core machine.
 RUN_TIMEOUT_S = 900
 UI_TIMEOUT_MS = 60_000
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -134,7 +128,7 @@ def dagster_dev(spark, tmp_path: Path, artifacts: Path) -> Iterator[DagsterDev]:
     home = tmp_path / "dagster_home"
     home.mkdir()
     shutil.copyfile(PROJECT_DAGSTER_YAML, home / "dagster.yaml")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "DAGSTER_HOME": str(home), "PYTHONUNBUFFERED": "1"}
     # `nbpipeline ui` seeds the default source if there is none yet (a newcomer's machine).
     env[FIRST_RUN_ROWS_ENV] = str(SOURCE_ROWS)

@@ -27,7 +27,7 @@ def test_both_jobs_twice_over_and_a_scheduled_tick_overlap_safely(
     spark, schema, instance, tmp_path: Path
 ) -> None:
     figures = overlapping_runs_scenario(spark, schema, instance, tmp_path, rounds=2)
-    print(  # noqa: T201 - figures for the closing note (pytest -s)
+    print(
         f"\n{figures['rounds']} rounds of both jobs + 1 scheduled tick: manual runs "
         f"{figures['manual_wall_s']}s wall, {figures['pool_waits']} pool waits; "
         f"tick at {figures['tick']}"

@@ -19,7 +19,7 @@ from nbpipeline.defs.assets import op_config
 from nbpipeline.defs.checks import VALID_ROW_SQL
 from nbpipeline.defs.tags import SOURCE_VERSION_TAG
 from nbpipeline.tables import OUTPUT_KEYS, OUTPUT_TABLES
-from nbpipeline_tests.helpers import latest_version, step_windows
+from nbpipeline_tests.helpers import latest_version, materializations, step_windows
 
 pytestmark = [pytest.mark.spark, pytest.mark.dagster]
 
@@ -64,13 +64,7 @@ def test_parallel_job_runs_in_step_processes(spark, schema, source, instance) ->
     ) as result:
         assert result.success, [e.message for e in result.get_step_failure_events()]
         run_id = result.run_id
-        mats = {
-            e.asset_key.to_user_string(): {
-                k: getattr(v, "value", v)
-                for k, v in e.step_materialization_data.materialization.metadata.items()
-            }
-            for e in result.get_asset_materialization_events()
-        }
+        mats = materializations(result)
         checks = result.get_asset_check_evaluations()
     wall = time.monotonic() - started
 

@@ -28,7 +28,8 @@ from nbpipeline import settings
 from nbpipeline.defs.assets import ALL_ASSETS, STEP_RETRY_POLICY, is_transient, op_config
 from nbpipeline.local import engine, seed
 from nbpipeline.local.runtime import run_notebook
-from nbpipeline_tests.helpers import (  # launch, stop_group: also imported from here elsewhere
+from nbpipeline_tests.fakes.backend import CALLS, FakeBackend
+from nbpipeline_tests.helpers import (
     RUN_TIMEOUT_S,
     Gates,
     assert_matches_contract,
@@ -45,7 +46,6 @@ from nbpipeline_tests.helpers import (  # launch, stop_group: also imported from
     stop_group,
     wait_for,
 )
-from nbpipeline_tests.test_assets import CALLS, FakeBackend
 
 __all__ = ["launch", "stop_group", "wait_for", "assert_matches_contract"]
 
@@ -256,7 +256,7 @@ def test_sigkill_mid_merge_and_raising_notebook_then_reexecute_from_failure(
     assert not {"Notebook1", "Notebook3", "Notebook4"} & rerun_steps
     assert rerun_mats == {"customer_summary"}
     assert_matches_contract(spark, schema, source, (*TABLES, "high_value_orders"))
-    print(  # noqa: T201 - figures for the closing note (pytest -s)
+    print(
         f"\nSIGKILL mid-MERGE: orphaned order_facts MERGE "
         f"{'committed whole' if orphan else 'never committed'}; the crashed step was retried"
     )
@@ -331,7 +331,7 @@ def test_engine_killed_under_a_run_fails_it_clearly_and_the_next_run_restarts_it
             version = row["version"]
             spark.sql(f"SELECT * FROM {schema}.{table} VERSION AS OF {version}").collect()
     assert_matches_contract(spark, schema, source, (*TABLES, "high_value_orders"))
-    print(  # noqa: T201 - figures for the closing note (pytest -s)
+    print(
         f"\nengine kill: run failed {fail_seconds:.1f}s after the kill; "
         f"next run (engine restart included) {time.monotonic() - started:.1f}s"
     )

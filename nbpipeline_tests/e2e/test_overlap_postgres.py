@@ -56,7 +56,7 @@ def postgres_instance(
 
                 for pool in pool_names():
                     info = storage.get_concurrency_info(pool)
-                    print(  # noqa: T201 - diagnostics (pytest -s)
+                    print(
                         f"{pool}: slots {info.slot_count}, claimed "
                         f"{[(s.run_id[:8], s.step_key) for s in info.claimed_slots]}, pending "
                         f"{[(p.run_id[:8], p.step_key, p.assigned_timestamp) for p in info.pending_steps]}"
@@ -77,7 +77,7 @@ def test_overlapping_runs_and_a_tick_on_postgres(
     spark, schema, postgres_instance, tmp_path: Path
 ) -> None:
     figures = overlapping_runs_scenario(spark, schema, postgres_instance, tmp_path, rounds=ROUNDS)
-    print(  # noqa: T201 - figures for the closing note (pytest -s)
+    print(
         f"\nPostgreSQL: {figures['rounds']} rounds of both jobs + 1 scheduled tick: manual runs "
         f"{figures['manual_wall_s']}s wall, {figures['pool_waits']} pool waits"
     )

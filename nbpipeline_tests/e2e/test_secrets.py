@@ -29,14 +29,9 @@ from nbpipeline.backend import NOTEBOOK_NAMES
 from nbpipeline.instance import WORKSPACE_YAML
 from nbpipeline.settings import PROJECT_ROOT
 from nbpipeline.tables import OUTPUT_TABLES
-from nbpipeline_tests.conftest import _free_port
-from nbpipeline_tests.conftest_databricks import (
-    LoopbackDatabricks,
-    canary_token,
-    databricks_env,  # noqa: F401 - fixture
-    loopback,  # noqa: F401 - fixture
-)
-from nbpipeline_tests.test_faults import launch, stop_group
+from nbpipeline_tests.fakes.databricks_http import LoopbackDatabricks
+from nbpipeline_tests.fakes.databricks_workspace import canary_token
+from nbpipeline_tests.helpers import free_port, launch, stop_group
 
 pytestmark = [pytest.mark.dagster, pytest.mark.ui]
 
@@ -132,7 +127,7 @@ def outside_address() -> str | None:
 
 
 def test_canary_token_never_shows_in_a_run_its_storage_or_the_ui(
-    loopback: LoopbackDatabricks,  # noqa: F811 - the fixture
+    loopback: LoopbackDatabricks,
     instance: dg.DagsterInstance,
 ) -> None:
     canary = canary_token()
@@ -174,7 +169,7 @@ def test_canary_token_never_shows_in_a_run_its_storage_or_the_ui(
     assert not leaked
 
     # The webserver, as `dagster dev` starts it without --host: 127.0.0.1 only.
-    port = _free_port()
+    port = free_port()
     web = subprocess.Popen(
         [
             str(Path(sys.executable).parent / "dagster-webserver"),
