@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
@@ -18,40 +18,19 @@ import pytest
 from nbpipeline import comparison
 from nbpipeline.cli import main
 from nbpipeline.runtime import run_notebook
-from nbpipeline.settings import PROJECT_ROOT, notebooks_dir
+from nbpipeline.settings import notebooks_dir
 from nbpipeline.tables import OUTPUT_KEYS, OUTPUT_TABLES
 
 pytestmark = [pytest.mark.spark, pytest.mark.dagster]
 
 
 @pytest.fixture(scope="module")
-def pair(spark, tmp_path_factory: pytest.TempPathFactory):
-    """(instance, source, sequential run id, parallel run id) on one source version."""
-    import os
-    import uuid
-
-    from nbpipeline.cli_pipeline import build_run_config, run_job
-    from nbpipeline.seed import seed_orders
-
-    home = tmp_path_factory.mktemp("dagster_home")
-    shutil.copy(PROJECT_ROOT / "dagster.yaml", home / "dagster.yaml")  # pools, no telemetry
-    old = os.environ.get("DAGSTER_HOME")
-    os.environ["DAGSTER_HOME"] = str(home)
-    schema = f"cmp_{uuid.uuid4().hex[:8]}"
-    source = f"{schema}.orders"
-    seeded = seed_orders(spark, source, rows=400, seed=11, dirty=True)
-    ids = {}
-    for mode in ("sequential", "parallel"):
-        result = run_job(mode, build_run_config(mode, source=source), out=lambda _m: None)
-        assert result["success"], result["error"]
-        ids[mode] = result["run_id"]
-    instance = dg.DagsterInstance.get()
-    yield instance, source, seeded, ids
-    instance.dispose()
-    if old is None:
-        os.environ.pop("DAGSTER_HOME", None)
-    else:
-        os.environ["DAGSTER_HOME"] = old
+def pair(job_pair: dict) -> Iterator[tuple]:
+    """(instance, source, seed_orders' result, mode -> run id): the session's pair of runs, with
+    DAGSTER_HOME on their instance for this module (`compare` and `bench` read it)."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("DAGSTER_HOME", str(job_pair["home"]))
+        yield job_pair["instance"], job_pair["source"], job_pair["seeded"], job_pair["ids"]
 
 
 def _step_spans(instance, run_id: str) -> dict[str, float]:
