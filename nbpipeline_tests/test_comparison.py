@@ -314,7 +314,9 @@ def test_per_process_spark_runs_a_notebook_on_a_jvm_of_its_step_process(
     PerProcessSparkBackend bound runs Notebook1 in a step process, on a classic Spark session of
     that process's own, from a Delta path source into the table beside it."""
     from nbpipeline import bench
-    from nbpipeline.cli_pipeline import build_run_config, run_job_fn
+    from nbpipeline.assets import op_config
+    from nbpipeline.cli_pipeline import run_job_fn
+    from nbpipeline.jobs import parallel_execution_config
     from nbpipeline.seed import seed_orders
     from nbpipeline_tests import contract_oracle as oracle
     from nbpipeline_tests.helpers import collect
@@ -323,7 +325,11 @@ def test_per_process_spark_runs_a_notebook_on_a_jvm_of_its_step_process(
     seed_orders(spark, source, rows=300, seed=17, dirty=True)
     result = run_job_fn(
         bench.per_process_parallel_job,
-        build_run_config("parallel", source=source),
+        # Config for the selected step only (a subset run rejects the others' config).
+        {
+            "ops": op_config({"source_table": source}, notebooks=("Notebook1",)),
+            "execution": parallel_execution_config(),
+        },
         out=lambda _m: None,
         op_selection=["Notebook1"],
     )
