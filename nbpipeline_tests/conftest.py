@@ -128,6 +128,41 @@ def loopback_canary(loopback: LoopbackDatabricks, monkeypatch: pytest.MonkeyPatc
     return canary
 
 
+@pytest.fixture(scope="session")
+def job_pair(spark, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """One sequential and one parallel run of the real jobs (checks included), one after the
+    other on one tiny dirty source, on a private instance holding the project's dagster.yaml;
+    run once for the session, asserted on by every module that needs a whole run of each job.
+
+    {"home", "instance", "source", "seeded" (seed_orders' result), "ids" (mode -> run id)}.
+    DAGSTER_HOME is set only while the runs go; a module that needs it sets it itself.
+    """
+    import shutil
+
+    import dagster as dg
+
+    from nbpipeline.instance import PROJECT_DAGSTER_YAML
+    from nbpipeline.local.seed import seed_orders
+    from nbpipeline.runs import build_run_config, run_pipeline_job
+
+    home = tmp_path_factory.mktemp("job_pair_dagster_home")
+    shutil.copyfile(PROJECT_DAGSTER_YAML, home / "dagster.yaml")  # pools, no telemetry
+    schema = f"pair_{uuid.uuid4().hex[:8]}"
+    source = f"{schema}.orders"
+    seeded = seed_orders(spark, source, rows=400, seed=11, dirty=True)
+    ids = {}
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("DAGSTER_HOME", str(home))
+        for mode in ("sequential", "parallel"):
+            result = run_pipeline_job(
+                mode, build_run_config(mode, source=source), out=lambda _m: None
+            )
+            assert result["success"], result["error"]
+            ids[mode] = result["run_id"]
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        yield {"home": home, "instance": instance, "source": source, "seeded": seeded, "ids": ids}
+
+
 #: Per-test time limits (pytest-timeout): pyproject's `timeout` for every test; tests marked
 #: `slow` or `ui` (whole runs, JVM or browser starts) get this longer one unless they set their
 #: own with @pytest.mark.timeout. A hang then fails one test instead of stalling the CI run.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
@@ -19,40 +19,19 @@ from nbpipeline.cli import main
 from nbpipeline.databricks.runs import run_timing_from_report
 from nbpipeline.local.runtime import run_notebook
 from nbpipeline.perf import comparison
-from nbpipeline.settings import PROJECT_ROOT, notebooks_dir
+from nbpipeline.settings import notebooks_dir
 from nbpipeline.tables import OUTPUT_KEYS, OUTPUT_TABLES
 
 pytestmark = [pytest.mark.spark, pytest.mark.dagster]
 
 
 @pytest.fixture(scope="module")
-def pair(spark, tmp_path_factory: pytest.TempPathFactory):
-    """(instance, source, sequential run id, parallel run id) on one source version."""
-    import os
-    import uuid
-
-    from nbpipeline.local.seed import seed_orders
-    from nbpipeline.runs import build_run_config, run_pipeline_job
-
-    home = tmp_path_factory.mktemp("dagster_home")
-    shutil.copy(PROJECT_ROOT / "dagster.yaml", home / "dagster.yaml")  # pools, no telemetry
-    old = os.environ.get("DAGSTER_HOME")
-    os.environ["DAGSTER_HOME"] = str(home)
-    schema = f"cmp_{uuid.uuid4().hex[:8]}"
-    source = f"{schema}.orders"
-    seeded = seed_orders(spark, source, rows=400, seed=11, dirty=True)
-    ids = {}
-    for mode in ("sequential", "parallel"):
-        result = run_pipeline_job(mode, build_run_config(mode, source=source), out=lambda _m: None)
-        assert result["success"], result["error"]
-        ids[mode] = result["run_id"]
-    instance = dg.DagsterInstance.get()
-    yield instance, source, seeded, ids
-    instance.dispose()
-    if old is None:
-        os.environ.pop("DAGSTER_HOME", None)
-    else:
-        os.environ["DAGSTER_HOME"] = old
+def pair(job_pair: dict) -> Iterator[tuple]:
+    """(instance, source, seed_orders' result, mode -> run id): the session's pair of runs, with
+    DAGSTER_HOME on their instance for this module (`compare` and `bench` read it)."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("DAGSTER_HOME", str(job_pair["home"]))
+        yield job_pair["instance"], job_pair["source"], job_pair["seeded"], job_pair["ids"]
 
 
 def _step_spans(instance, run_id: str) -> dict[str, float]:
@@ -282,9 +261,13 @@ def test_bench_tiny_runs_every_mode(spark, pair, capsys) -> None:
 
     instance = pair[0]
     before = {r.run_id for r in instance.get_runs()}
-    assert main(["bench", "--rows", "300", "--repeat", "1", "--json"]) == 0
+    # Every mode but `per-process-spark` (four step JVMs at once): the next test runs its code
+    # path on one notebook.
+    modes = [m for m in bench.BENCH_MODES if m != "per-process-spark"]
+    argv = ["bench", "--rows", "300", "--repeat", "1", "--modes", ",".join(modes), "--json"]
+    assert main(argv) == 0
     data = json.loads(capsys.readouterr().out)
-    assert set(data["modes"]) == set(bench.BENCH_MODES)
+    assert list(data["modes"]) == modes
     assert data["with_checks"] is False
     for figures in data["modes"].values():
         assert set(figures) >= {"median_s", "min_s", "max_s", "peak_rss_mb", "peak_pss_mb"}
@@ -296,7 +279,6 @@ def test_bench_tiny_runs_every_mode(spark, pair, capsys) -> None:
     # The shared engine worked during the modes that use it (busy cores averaged over the run).
     for mode in ("dagster-sequential", "dagster-parallel", "notebook-threads"):
         assert 0 < data["modes"][mode]["engine_cores_busy"] <= (os.cpu_count() or 1) + 0.5
-    assert data["modes"]["per-process-spark"]["engine_cores_busy"] is None
     # Every mode against the floor; where each run's CPU went, by process.
     assert data["modes"]["reference"]["vs_reference"] == 1.0
     for mode, figures in data["modes"].items():
@@ -324,6 +306,45 @@ def test_bench_tiny_runs_every_mode(spark, pair, capsys) -> None:
             executor = run.run_config["execution"]["config"]
             assert executor["max_concurrent"] == 4
             assert "forkserver" in executor["start_method"]
+
+
+@pytest.mark.slow
+def test_per_process_spark_runs_a_notebook_on_a_jvm_of_its_step_process(
+    spark, instance, tmp_path: Path
+) -> None:
+    """bench's `per-process-spark` mode on one notebook: the parallel job with
+    PerProcessSparkBackend bound runs Notebook1 in a step process, on a classic Spark session of
+    that process's own, from a Delta path source into the table beside it."""
+    from nbpipeline.defs.assets import op_config
+    from nbpipeline.defs.jobs import parallel_execution_config
+    from nbpipeline.local.seed import seed_orders
+    from nbpipeline.perf import bench
+    from nbpipeline.runs import run_job_fn
+    from nbpipeline_tests import contract_oracle as oracle
+    from nbpipeline_tests.helpers import collect
+
+    source = f"delta.`{tmp_path / 'orders'}`"
+    seed_orders(spark, source, rows=300, seed=17, dirty=True)
+    result = run_job_fn(
+        bench.per_process_parallel_job,
+        # Config for the selected step only (a subset run rejects the others' config).
+        {
+            "ops": op_config({"source_table": source}, notebooks=("Notebook1",)),
+            "execution": parallel_execution_config(),
+        },
+        out=lambda _m: None,
+        op_selection=["Notebook1"],
+    )
+    assert result["success"], result["error"]
+    run_id = result["run_id"]
+    assert _step_metadata(instance, run_id, "backend") == {"Notebook1": "per-process-spark"}
+    starts = instance.all_logs(run_id, of_type=dg.DagsterEventType.STEP_START)
+    assert [e.step_key for e in starts] == ["Notebook1"]
+    assert starts[0].dagster_event.pid != os.getpid()  # a step process, not this one
+    # What the step's own JVM wrote, read back through the engine, is the contract's table.
+    got = oracle.keyed("daily_sales", collect(spark, f"delta.`{tmp_path / 'daily_sales'}`"))
+    assert got == oracle.expected(collect(spark, source)).tables["daily_sales"]
+    assert got
 
 
 def test_databricks_run_records_feed_the_same_comparison() -> None:

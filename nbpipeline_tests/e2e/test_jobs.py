@@ -8,32 +8,19 @@ printed (`pytest -s`) so the figures can be compared across machines.
 from __future__ import annotations
 
 import os
-import time
 from typing import Any
 
 import dagster as dg
 import pytest
 
-from nbpipeline import definitions
-from nbpipeline.defs.assets import op_config
 from nbpipeline.defs.checks import VALID_ROW_SQL
 from nbpipeline.defs.tags import SOURCE_VERSION_TAG
 from nbpipeline.tables import OUTPUT_KEYS, OUTPUT_TABLES
-from nbpipeline_tests.helpers import latest_version, materializations, step_windows
+from nbpipeline_tests.helpers import latest_version, step_windows
 
 pytestmark = [pytest.mark.spark, pytest.mark.dagster]
 
-ROWS = 2000
 NOTEBOOKS = ("Notebook1", "Notebook2", "Notebook3", "Notebook4")
-
-
-@pytest.fixture
-def source(spark, schema: str) -> str:
-    from nbpipeline.local.seed import seed_orders
-
-    table = f"{schema}.orders"
-    seed_orders(spark, table, rows=ROWS, seed=23, dirty=True)
-    return table
 
 
 def assert_contract_invariants(spark: Any, schema: str, source: str) -> None:
@@ -55,18 +42,22 @@ def assert_contract_invariants(spark: Any, schema: str, source: str) -> None:
     assert orphans == 0
 
 
-def test_parallel_job_runs_in_step_processes(spark, schema, source, instance) -> None:
-    started = time.monotonic()
-    with dg.execute_job(
-        dg.reconstructable(definitions.parallel_notebooks_job),
-        instance=instance,
-        run_config={"ops": op_config({"source_table": source})},
-    ) as result:
-        assert result.success, [e.message for e in result.get_step_failure_events()]
-        run_id = result.run_id
-        mats = materializations(result)
-        checks = result.get_asset_check_evaluations()
-    wall = time.monotonic() - started
+def test_parallel_job_runs_in_step_processes(spark, job_pair: dict) -> None:
+    """The session's parallel run (conftest `job_pair`), read back from its event log."""
+    instance, source, run_id = job_pair["instance"], job_pair["source"], job_pair["ids"]["parallel"]
+    schema = source.split(".")[0]
+    mats = {
+        e.asset_materialization.asset_key.to_user_string(): {
+            k: getattr(v, "value", v) for k, v in e.asset_materialization.metadata.items()
+        }
+        for e in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION)
+    }
+    checks = [
+        e.dagster_event.asset_check_evaluation_data
+        for e in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)
+    ]
+    record = instance.get_run_record_by_id(run_id)
+    wall = record.end_time - record.start_time
 
     assert set(mats) == set(OUTPUT_TABLES)
     source_version = latest_version(spark, source)
@@ -74,7 +65,7 @@ def test_parallel_job_runs_in_step_processes(spark, schema, source, instance) ->
         table = f"{schema}.{name}"
         assert m["dagster/row_count"] == spark.table(table).count() > 0
         assert m["delta_version"] == latest_version(spark, table)
-        assert m["rows_read"] == ROWS
+        assert m["rows_read"] == job_pair["seeded"]["rows"]
         assert m["source_version"] == source_version
         assert m["backend"] == "local"
     assert len(checks) == 12 and all(c.passed for c in checks)
