@@ -1,8 +1,10 @@
-"""Every shell command in README.md is exercised: here, by another test, or by `.ci/run`.
+"""Every shell command in README.md and docs/*.md is exercised: here, by another test, or by
+`.ci/run`.
 
-The fenced shell blocks of README are parsed; each command line must appear in `EXERCISED_BY`,
-which names the test (file::function, checked to exist) or CI step that runs it. A command added
-to README without a test fails here. The cheap commands are run right here.
+The fenced shell blocks of README and of every page in docs/ are parsed; each command line must
+appear in `EXERCISED_BY`, which names the test (file::function, checked to exist) or CI step that
+runs it. A command added to the documentation without a test fails here. The cheap commands are
+run right here.
 """
 
 from __future__ import annotations
@@ -20,15 +22,18 @@ import pytest
 from nbpipeline.settings import DEFAULT_SOURCE_TABLE, PROJECT_ROOT
 
 README = PROJECT_ROOT / "README.md"
+# Every page whose commands must be tested: README and the reference pages it links to.
+DOCUMENTS = [README, *sorted((PROJECT_ROOT / "docs").glob("*.md"))]
 CI_RUN = PROJECT_ROOT / ".ci" / "run"
 TESTS = Path(__file__).resolve().parent
 
-# README command (as written, trailing comment removed) -> what runs it: "file.py::test" or
+# Documented command (as written, trailing comment removed) -> what runs it: "file.py::test" or
 # ".ci/run". Synopsis lines ([--flag], A | B) map to the tests covering those options.
 EXERCISED_BY: dict[str, list[str]] = {
     'pip install -e ".[dev]"': [".ci/run"],
     "pytest": [".ci/run"],
     'pytest -m "not slow and not ui"': ["test_readme.py::test_fast_tier_selection"],
+    "pytest -m databricks": ["test_readme.py::test_databricks_marker_selects_the_live_tests"],
     "nbpipeline run parallel": ["test_readme.py::test_main_command_seeds_a_missing_source"],
     "nbpipeline ui": [
         "test_ui.py::test_user_path_in_the_dagster_ui",
@@ -97,7 +102,7 @@ EXERCISED_BY: dict[str, list[str]] = {
         "test_remote_engine.py::test_engine_starts_from_an_offline_jar_folder"
     ],
 }
-# Commands of other tools that README shows for offline set-up; nothing here can run them (no
+# Commands of other tools that the docs show for offline set-up; nothing here can run them (no
 # Maven, no Maven Central). Listed so that adding one is a conscious choice.
 NOT_RUN: dict[str, str] = {
     "mvn dependency:copy -Dartifact=io.delta:delta-spark_4.2_2.13:4.4.0 "
@@ -182,16 +187,29 @@ def _test_strings(where: str) -> set[str]:
     return strings
 
 
+def documented_commands() -> dict[str, list[str]]:
+    """Each documented command -> the pages (relative to the project) that show it."""
+    pages: dict[str, list[str]] = {}
+    for document in DOCUMENTS:
+        for command in readme_commands(document.read_text()):
+            pages.setdefault(command, []).append(str(document.relative_to(PROJECT_ROOT)))
+    return pages
+
+
 def test_every_readme_command_is_exercised() -> None:
-    """Each README command maps to tests that exist and whose own code passes the command's
-    subcommands, options and key=value arguments (a test name alone proves nothing)."""
-    commands = readme_commands(README.read_text())
-    assert "nbpipeline run parallel" in commands  # the parser finds README's main command
-    missing = [c for c in commands if c not in EXERCISED_BY and c not in NOT_RUN]
-    assert not missing, f"README commands with no test: add them to EXERCISED_BY: {missing}"
+    """Each command of README and docs/ maps to tests that exist and whose own code passes the
+    command's subcommands, options and key=value arguments (a test name alone proves nothing)."""
+    pages = documented_commands()
+    assert "nbpipeline run parallel" in readme_commands(README.read_text())  # the parser works
+    missing = [
+        f"{c} ({', '.join(p)})" for c, p in pages.items() if c not in {**EXERCISED_BY, **NOT_RUN}
+    ]
+    assert not missing, f"documented commands with no test: add them to EXERCISED_BY: {missing}"
+    stale = sorted((set(EXERCISED_BY) | set(NOT_RUN)) - set(pages))
+    assert not stale, f"EXERCISED_BY/NOT_RUN name commands no page shows any more: {stale}"
     ci = CI_RUN.read_text()
     unexercised = []
-    for command in set(commands) & set(EXERCISED_BY):
+    for command in set(pages) & set(EXERCISED_BY):
         tests = [w for w in EXERCISED_BY[command] if w != ".ci/run"]
         if ".ci/run" in EXERCISED_BY[command]:
             assert re.search(rf"^\s*{re.escape(command)}(\s|$)", ci, re.M), command
@@ -201,7 +219,7 @@ def test_every_readme_command_is_exercised() -> None:
         absent = [w for w in command_words(command) if w not in strings]
         if absent:
             unexercised.append(f"{command!r}: {absent} in none of {tests}")
-    assert not unexercised, "tests named for README commands do not run them:\n" + "\n".join(
+    assert not unexercised, "tests named for documented commands do not run them:\n" + "\n".join(
         unexercised
     )
 
@@ -258,9 +276,61 @@ def test_fast_tier_selection() -> None:
     assert {"test_contract.py", "test_readme.py"} <= selected
 
 
-def test_readme_images_exist() -> None:
-    for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", README.read_text()):
-        assert (PROJECT_ROOT / image).is_file(), image
+def test_links_and_images_resolve() -> None:
+    """Every relative link and image of README and docs/ names a file inside the repository
+    (and a `#fragment` into a Markdown page names one of its headings)."""
+    broken = []
+    for document in DOCUMENTS:
+        text = re.sub(r"^```.*?^```", "", document.read_text(), flags=re.S | re.M)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue  # an absolute URL
+            path, _, fragment = target.partition("#")
+            file = (document.parent / path).resolve() if path else document
+            if not file.is_relative_to(PROJECT_ROOT) or not file.is_file():
+                broken.append(f"{document.name}: {target}")
+            elif fragment and file.suffix == ".md" and fragment not in heading_anchors(file):
+                broken.append(f"{document.name}: {target} (no such heading)")
+    assert not broken, broken
+
+
+def heading_anchors(page: Path) -> set[str]:
+    """GitHub's anchors for a page's headings: lower case, punctuation dropped, spaces -> '-'."""
+    anchors = set()
+    for heading in re.findall(r"^#+\s+(.+)$", page.read_text(), re.M):
+        anchor = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        anchors.add(anchor)
+    return anchors
+
+
+def test_databricks_marker_selects_the_live_tests() -> None:
+    """`pytest -m databricks` selects exactly the live-workspace tests, which skip themselves
+    without DATABRICKS_HOST and a token."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DATABRICKS_")}
+    # Only the files using the marker are collected: collecting the whole suite costs half a minute.
+    files = [str(f) for f in TESTS.rglob("test_*.py") if "mark.databricks" in f.read_text()]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-v",
+            "-p",
+            "no:cacheprovider",
+            "-m",
+            "databricks",
+            *files,
+        ],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    outcomes = dict(re.findall(r"^\S+::(test_\w+)\S* (\w+)", proc.stdout, re.M))
+    assert outcomes and all(name.startswith("test_live_") for name in outcomes), outcomes
+    assert set(outcomes.values()) == {"SKIPPED"}, outcomes
 
 
 def test_help_lists_every_command_on_one_line() -> None:
