@@ -44,12 +44,6 @@ def add_subcommands(subparsers: Any) -> None:
     p.add_argument("--repeat", type=int, default=3, help="rounds; modes are interleaved")
     p.add_argument("--seed", type=int, default=42, help="seed of the source data")
     p.add_argument("--modes", help="comma-separated subset of modes (default: all six)")
-    p.add_argument(
-        "--with-checks",
-        action="store_true",
-        help="run the jobs' asset-check steps too (default: the four notebook steps, as the "
-        "orchestration notebooks run)",
-    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_bench)
 
@@ -93,7 +87,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         repeat=args.repeat,
         seed=args.seed,
         modes=modes,
-        with_checks=args.with_checks,
         progress=_progress,
     )
     print(json.dumps(result, indent=2) if args.json else bench.format_table(result))  # noqa: T201

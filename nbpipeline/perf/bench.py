@@ -16,10 +16,8 @@ metastore) and MERGEs into the same outputs beside it. A warm-up run (not measur
 outputs first, so every measured run does identical work: a full read and a MERGE that changes
 nothing.
 
-Like is compared with like: the Dagster modes run the jobs' four notebook steps (an op
-selection of the same jobs, so the runs still show up under their job in the UI), not the
-asset-check steps, because the orchestration notebooks check nothing. `--with-checks` runs the
-check steps too; `nbpipeline compare` times them on any real pair of runs.
+Like is compared with like: every mode runs the same four notebooks, which evaluate their asset
+checks inside their own runs (the Dagster jobs have no separate check steps).
 
 Wall time is measured around each run. Memory is sampled every 0.5 s over this process, its
 descendants (run worker, step processes, their JVMs) and, for modes that use it, the engine
@@ -91,7 +89,6 @@ ROLES = (
     "sampler",
 )
 PARALLEL_MEMORY_TARGET_MB = 3 * 1024
-#: The Dagster modes run these steps of the jobs (the notebooks, not the check steps).
 
 
 def per_process_parallel_job() -> dg.JobDefinition:
@@ -394,12 +391,9 @@ def bench(
     repeat: int,
     seed: int = 42,
     modes: tuple[str, ...] = BENCH_MODES,
-    with_checks: bool = False,
     progress: Callable[[str], None] = lambda _m: None,
 ) -> dict[str, Any]:
-    """Run every mode `repeat` times, interleaved; return figures per mode and the ratios.
-
-    The Dagster modes run the notebook steps only, unless `with_checks`."""
+    """Run every mode `repeat` times, interleaved; return figures per mode and the ratios."""
     from nbpipeline import definitions
 
     if rows < 1 or repeat < 1:
@@ -417,7 +411,7 @@ def bench(
     table = source["table"]
     engine_pid = engine.status().get("pid")
     tags = {BENCH_TAG: "1", SOURCE_VERSION_TAG: str(source["version"])}
-    steps = None if with_checks else list(NOTEBOOK_NAMES)
+    steps = list(NOTEBOOK_NAMES)
     runners: dict[str, Callable[[], str | None]] = {
         "dagster-sequential": lambda: _run_dagster(
             definitions.sequential_notebooks_job, "sequential", table, tags, steps
@@ -546,7 +540,6 @@ def bench(
         "repeat": repeat,
         "source": table,
         "source_version": source["version"],
-        "with_checks": with_checks,
         "engine_memory": engine.EngineConfig.from_env().driver_memory,
         "modes": summary,
         "targets": ratios,
@@ -562,8 +555,7 @@ def format_table(result: dict[str, Any]) -> str:
     """The bench result as a plain-text table."""
     lines = [
         f"{result['rows']} rows, {result['repeat']} round(s), source version "
-        f"{result['source_version']}, engine memory {result['engine_memory']}, "
-        + ("with check steps" if result["with_checks"] else "notebook steps only"),
+        f"{result['source_version']}, engine memory {result['engine_memory']}",
         f"{'mode':<20} {'median s':>9} {'min s':>8} {'max s':>8} {'RSS MB':>8} {'PSS MB':>8} "
         f"{'CPU s':>7} {'engine cores':>12} {'x reference':>11}",
     ]
