@@ -112,7 +112,7 @@ class ProgressPrinter(threading.Thread):
                 self._poll(instance)
                 self._done.wait(_POLL_SECONDS)
             self._poll(instance)  # what happened between the last poll and the end
-        except Exception as exc:  # noqa: BLE001 - progress is best effort; the run goes on
+        except Exception as exc:  # progress is best effort; the run goes on
             self.out(f"(progress display stopped: {exc})")
         finally:
             instance.dispose()

@@ -114,7 +114,7 @@ def table_info(spark: Any, ref: TableRef) -> dict[str, Any]:
     }
     try:
         history = spark.sql(f"DESCRIBE HISTORY {ref.sql} LIMIT 1").collect()
-    except Exception:  # noqa: BLE001 - absent (or not Delta): reported as not existing
+    except Exception:  # absent (or not Delta): reported as not existing
         return info
     info["exists"] = True
     info["version"] = int(history[0]["version"]) if history else None

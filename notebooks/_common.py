@@ -170,7 +170,7 @@ def _try_set(key, value):
     try:
         spark.conf.set(key, value)
         return True
-    except Exception:  # noqa: BLE001 - a refused setting only costs speed
+    except Exception:  # a refused setting only costs speed
         return False
 
 
@@ -202,7 +202,7 @@ def _checkpoint(df):
     no checkpoint (serverless), `df` itself: still correct, as it reads a pinned version."""
     try:
         return df.localCheckpoint(), True
-    except Exception:  # noqa: BLE001 - recomputed on use instead
+    except Exception:  # recomputed on use instead
         return df, False
 
 
@@ -222,7 +222,7 @@ def _versioned(table, version):
 def _read_schema(src):
     try:
         return spark.table(src).schema
-    except Exception as exc:  # noqa: BLE001 - turned into one clear line
+    except Exception as exc:  # turned into one clear line
         if any(m in str(exc) for m in _MISSING_MARKERS):
             raise NotebookInputError(f"source table {src} does not exist") from None
         raise NotebookInputError(f"source table {src} cannot be read: {_first_line(exc)}") from None
@@ -234,7 +234,7 @@ def resolve_source_version(src, wanted):
     a Delta table (no history) is read as it is, only when no version is asked for."""
     try:
         latest = _history(src, 1)
-    except Exception:  # noqa: BLE001 - not a Delta table
+    except Exception:  # not a Delta table
         if wanted is None:
             return None
         raise NotebookInputError(
@@ -403,7 +403,7 @@ def check_result(name, passed, description, metadata=None, severity="ERROR"):
 def _evaluate(name, fn):
     try:
         return fn()
-    except Exception as exc:  # noqa: BLE001 - reported as not evaluated
+    except Exception as exc:  # reported as not evaluated
         return check_result(name, None, f"not evaluated: {_first_line(exc)}")
 
 

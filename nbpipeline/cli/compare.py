@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import TYPE_CHECKING, Any
 
 from nbpipeline.errors import ConfigError
+from nbpipeline.progress import progress
 
 if TYPE_CHECKING:
     from nbpipeline.perf.comparison import Comparison
-
-
-def _progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)  # noqa: T201 - CLI progress
 
 
 def add_subcommands(subparsers: Any) -> None:
@@ -68,13 +64,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     else:
         from nbpipeline.instance import get_instance
 
-        instance = get_instance(_progress)
+        instance = get_instance(progress)
         first, second = args.runs or comparison.latest_pair(instance, args.source_version)
         result = comparison.compare_runs(instance, first, second)
     if args.plot:
         path = comparison.plot(result, args.plot)
-        _progress(f"Wrote {path}")
-    print(json.dumps(result.to_dict(), indent=2) if args.json else result.to_text())  # noqa: T201
+        progress(f"Wrote {path}")
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.to_text())
     return 0
 
 
@@ -87,7 +83,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         repeat=args.repeat,
         seed=args.seed,
         modes=modes,
-        progress=_progress,
+        progress=progress,
     )
-    print(json.dumps(result, indent=2) if args.json else bench.format_table(result))  # noqa: T201
+    print(json.dumps(result, indent=2) if args.json else bench.format_table(result))
     return 0

@@ -279,7 +279,7 @@ def _write_json(value: Any) -> None:
 
 
 @contextlib.contextmanager
-def _progress(enabled: bool = True) -> Iterator[logging.Logger]:
+def _progress_logger(enabled: bool = True) -> Iterator[logging.Logger]:
     """A logger that shows progress on stderr for this command only.
 
     Own handler, no propagation: the command's progress is visible whatever logging the main CLI
@@ -314,7 +314,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             sys.stderr.write("note: {user} becomes your workspace user name at deploy\n")
         return 0
     _, ws = command_workspace_client()
-    with _progress(not args.json) as log:
+    with _progress_logger(not args.json) as log:
         result = deploy(ws, options, modes=_modes(args, options), log=log)
     if args.json:
         _write_json(result.as_dict())
@@ -355,7 +355,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not 0 < args.poll_initial <= args.poll_max:
         raise ConfigError("--poll-initial must be > 0 and <= --poll-max")
     _, ws = command_workspace_client()
-    with _progress(not args.json) as log:
+    with _progress_logger(not args.json) as log:
         report = run_deployed_job(
             ws,
             args.mode,

@@ -19,7 +19,7 @@ from nbpipeline.errors import NotebookTimeout
 T = TypeVar("T")
 
 
-class NotebookExit(Exception):  # noqa: N818 - mirrors Databricks' control flow, not an error
+class NotebookExit(Exception):  # mirrors Databricks' control flow, not an error
     """Raised by `dbutils.notebook.exit` to end the notebook; carries its exit value."""
 
     def __init__(self, value: str) -> None:
@@ -42,13 +42,13 @@ class WidgetsUtils:
                 raise ValueError(f"default {default!r} of widget {name!r} is not in {choices}")
         self._widgets[name] = {"kind": kind, "default": default, "choices": choices}
 
-    def text(self, name: str, defaultValue: str = "", label: str | None = None) -> None:  # noqa: N803
+    def text(self, name: str, defaultValue: str = "", label: str | None = None) -> None:
         self._declare("text", name, defaultValue, None)
 
     def dropdown(
         self,
         name: str,
-        defaultValue: str,  # noqa: N803
+        defaultValue: str,
         choices: list[str],
         label: str | None = None,
     ) -> None:
@@ -57,7 +57,7 @@ class WidgetsUtils:
     def combobox(
         self,
         name: str,
-        defaultValue: str,  # noqa: N803
+        defaultValue: str,
         choices: list[str],
         label: str | None = None,
     ) -> None:
@@ -66,7 +66,7 @@ class WidgetsUtils:
     def multiselect(
         self,
         name: str,
-        defaultValue: str,  # noqa: N803
+        defaultValue: str,
         choices: list[str],
         label: str | None = None,
     ) -> None:
@@ -85,13 +85,13 @@ class WidgetsUtils:
             return widget["default"]
         raise ValueError(f"InputWidgetNotDefined: no input widget named {name!r} is defined")
 
-    def getArgument(self, name: str, optional: str | None = None) -> str | None:  # noqa: N802
+    def getArgument(self, name: str, optional: str | None = None) -> str | None:
         try:
             return self.get(name)
         except ValueError:
             return optional
 
-    def getAll(self) -> dict[str, str]:  # noqa: N802
+    def getAll(self) -> dict[str, str]:
         values = {name: w["default"] for name, w in self._widgets.items()}
         values.update(self._arguments)
         return values
@@ -99,7 +99,7 @@ class WidgetsUtils:
     def remove(self, name: str) -> None:
         self._widgets.pop(name, None)
 
-    def removeAll(self) -> None:  # noqa: N802
+    def removeAll(self) -> None:
         self._widgets.clear()
 
 
@@ -144,7 +144,7 @@ def display(obj: Any, *args: Any, **kwargs: Any) -> None:
         print(obj)  # noqa: T201 - notebook output goes to stdout, as on Databricks
 
 
-def displayHTML(html: str) -> None:  # noqa: N802
+def displayHTML(html: str) -> None:
     print(html)  # noqa: T201
 
 
