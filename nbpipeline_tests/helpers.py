@@ -261,10 +261,10 @@ class Gates:
 OVERLAP_MODES = ("sequential", "parallel")
 OVERLAP_SCHEDULE = "parallel_notebooks_schedule"
 OVERLAP_NOTEBOOKS = ("Notebook1", "Notebook2", "Notebook3", "Notebook4")
-# The tick's minute is chosen once a manual step has started, at least this far ahead, so the
-# tick's run is created after it (a daemon that starts late still launches the tick: Dagster
-# catches up ticks since the schedule was started).
-TICK_LEAD_S = 5
+# The tick's minute is at least this far ahead of the schedule's start, so the first round's runs
+# exist before it (a daemon that starts late still launches the tick: Dagster catches up ticks
+# since the schedule was started).
+TICK_LEAD_S = 45
 MAX_ROUNDS = 12  # a daemon that never ticks fails the test instead of looping forever
 
 
@@ -311,8 +311,7 @@ def overlapping_runs_scenario(
 
     # A real tick: the daemon evaluates the schedule at a whole minute (a cron for that one
     # minute, so it fires once) and launches the run through the instance's run queue. The cron
-    # is read when the daemon loads the definitions; `schedule start` only records the state, so
-    # it runs while the first round starts.
+    # is read when the daemon loads the definitions; `schedule start` only records the state.
     env = {
         **os.environ,
         **run_env,
@@ -321,31 +320,25 @@ def overlapping_runs_scenario(
         SOURCE_TABLE_ENV: source,
     }
     dagster_cli = [sys.executable, "-m", "dagster"]
-    schedule_start = subprocess.Popen(
+    started = subprocess.run(
         [*dagster_cli, "schedule", "start", OVERLAP_SCHEDULE, "-w", str(WORKSPACE_YAML)],
         cwd=PROJECT_ROOT,
         env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        capture_output=True,
         text=True,
+        timeout=300,
     )
-    daemon: subprocess.Popen[bytes] | None = None
-
-    def start_daemon() -> Any:
-        """Once a manual step has started: the tick's minute, and a daemon to fire it."""
-        nonlocal daemon
-        output, _ = schedule_start.communicate(timeout=300)
-        assert schedule_start.returncode == 0, output
-        tick = _next_minute(at_least_s=TICK_LEAD_S)
-        daemon = subprocess.Popen(
-            [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", str(WORKSPACE_YAML)],
-            cwd=PROJECT_ROOT,
-            env={**env, PARALLEL_CRON_ENV: f"{tick.minute} {tick.hour} * * *"},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,  # stopped as a group: it starts a code server of its own
-        )
-        return tick
+    assert started.returncode == 0, started.stdout + started.stderr
+    tick = _next_minute(at_least_s=TICK_LEAD_S)
+    env[PARALLEL_CRON_ENV] = f"{tick.minute} {tick.hour} * * *"
+    daemon = subprocess.Popen(
+        [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", str(WORKSPACE_YAML)],
+        cwd=PROJECT_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # stopped as a group: it starts a code server of its own
+    )
 
     def scheduled_run() -> dg.DagsterRun | None:
         runs = instance.get_runs(
@@ -361,26 +354,18 @@ def overlapping_runs_scenario(
             and "Notebook1" in pool_waits(instance, r.run_id)
         ]
 
-    manual_end = 0.0  # when the last manual step so far ended
-
-    def tick_landed() -> bool:
-        """The scheduled run was created while manual steps were still running."""
-        run = scheduled_run()
-        if run is None:
-            return False
-        record = instance.get_run_record_by_id(run.run_id)
-        return record is not None and record.create_timestamp.timestamp() < manual_end
-
     outcomes: list[dict[str, tuple[int, str, str]]] = []  # mode -> (returncode, stdout, stderr)
     try:
         t0 = time.monotonic()
         ticked = False
         while len(outcomes) < MAX_ROUNDS and not (len(outcomes) >= rounds and ticked):
+            # Seen before this round starts, so the scheduled run was created before the last
+            # round's runs ended.
+            ticked = scheduled_run() is not None
             procs = {mode: launch(mode, source, home, **run_env) for mode in OVERLAP_MODES}
             try:
                 if not outcomes:  # the first round: one Notebook1 holds, the other must wait
                     gates.wait_reached("Notebook1", runs=list(procs.values()))
-                    tick = start_daemon()
                     waited = wait_for(
                         blocked_on_notebook1, "a run's Notebook1 to wait for the table's pool"
                     )
@@ -392,27 +377,18 @@ def overlapping_runs_scenario(
                 gates.open("Notebook1")
                 stop_group(list(procs.values()))
             outcomes.append({m: (procs[m].returncode, *outs[m]) for m in OVERLAP_MODES})
-            if any(procs[m].returncode != 0 for m in OVERLAP_MODES):
-                break  # the assertions below report it
-            for _, stdout, _ in outs.values():
-                run_windows = step_windows(instance, stdout.strip().splitlines()[-1])
-                manual_end = max([manual_end, *(e for _, e, _ in run_windows.values())])
-            ticked = tick_landed()
         manual_wall = time.monotonic() - t0
-        scheduled = ticked and wait_for(
+        scheduled = wait_for(
             lambda: (run := scheduled_run()) is not None and run.is_finished and run,
             "the scheduled run to finish",
             600,
             every=1,
         )
     finally:
-        if schedule_start.poll() is None:
-            schedule_start.kill()
-            schedule_start.communicate()
-        if daemon is not None:
-            os.killpg(daemon.pid, signal.SIGTERM)
-            daemon.wait(timeout=60)
+        os.killpg(daemon.pid, signal.SIGTERM)
+        daemon.wait(timeout=60)
 
+    assert ticked, f"no scheduled run after {len(outcomes)} rounds (tick at {tick:%H:%M} UTC)"
     run_ids = []
     for number, outcome in enumerate(outcomes, 1):
         for mode, (returncode, stdout, stderr) in outcome.items():
@@ -430,10 +406,6 @@ def overlapping_runs_scenario(
             assert run.tags["nbpipeline/mode"] == mode
             # Every run read the same, unchanged source: they pair up by this tag.
             assert run.tags[SOURCE_VERSION_TAG] == source_version
-    assert ticked and scheduled, (
-        f"no scheduled run created while manual steps ran, after {len(outcomes)} rounds "
-        f"(tick at {tick:%H:%M} UTC)"
-    )
     assert scheduled.status == dg.DagsterRunStatus.SUCCESS, scheduled.run_id
     assert scheduled.job_name == "parallel_notebooks"
     assert scheduled.tags["nbpipeline/mode"] == "parallel"
