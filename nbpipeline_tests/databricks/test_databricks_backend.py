@@ -806,7 +806,7 @@ def test_parallel_runs_overlap_and_durations_come_from_the_server(
 
 
 # The realistic 20-s-per-notebook figures (the same checks, 85 s of sleeping) are a benchmark:
-# `python -m nbpipeline_tests.test_databricks_backend 20` prints them.
+# `python -m nbpipeline_tests.databricks.test_databricks_backend 20` prints them.
 
 
 # ----------------------------------------------------------------------------------------------
@@ -841,7 +841,7 @@ def test_live_run_notebook1() -> None:
     assert isinstance(run.tables, list)
 
 
-# Prints the figures: python -m nbpipeline_tests.test_databricks_backend [s] (from the project root).
+# Prints the figures: python -m nbpipeline_tests.databricks.test_databricks_backend [s] (from the project root).
 if __name__ == "__main__":  # pragma: no cover
     import sys
     import tempfile
