@@ -256,3 +256,19 @@ def test_checks_the_notebook_did_not_evaluate_are_warnings() -> None:
         assert evaluation.severity == dg.AssetCheckSeverity.WARN
         assert evaluation.description.startswith("not evaluated: ")
         assert evaluation.metadata["evaluated"].value is False
+
+
+def test_the_notebooks_valid_row_rule_is_the_packages() -> None:
+    # Notebooks cannot import the package on Databricks, so the rule is written twice: pin it.
+    import ast
+
+    from nbpipeline.settings import notebooks_dir
+
+    tree = ast.parse((notebooks_dir() / "_common.py").read_text())
+    [value] = [
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Assign)
+        and any(isinstance(t, ast.Name) and t.id == "VALID_ROW_SQL" for t in node.targets)
+    ]
+    assert ast.literal_eval(value) == VALID_ROW_SQL
