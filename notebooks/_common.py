@@ -4,9 +4,9 @@
 # MAGIC # nbpipeline: shared notebook code
 # MAGIC
 # MAGIC Included by Notebook1..4 with `%run ./_common`. It pins the `orders` source at one Delta
-# MAGIC version, validates its schema, applies the data contract's cleaning and dedup rules in one
-# MAGIC pass, MERGEs derived rows into output tables, finds the version each MERGE committed,
-# MAGIC evaluates the asset checks on it, and collects the figures each notebook reports with
+# MAGIC version, validates its schema, applies the data contract's cleaning and dedup rules,
+# MAGIC MERGEs derived rows into output tables, finds the version each MERGE committed, evaluates
+# MAGIC the asset checks on it, and collects the figures each notebook reports with
 # MAGIC `dbutils.notebook.exit`. It uses only `spark` and the standard library, so it runs unchanged
 # MAGIC on Databricks and on nbpipeline's local runtime.
 
@@ -282,51 +282,45 @@ def validate_source_schema(src, schema):
 
 # COMMAND ----------
 
-# DBTITLE 1,Clean and deduplicate in one pass
+# DBTITLE 1,Clean and deduplicate
 
 
-def clean_orders_sql(source_sql):
-    """One aggregation over the pinned source: per order_id, how many rows were read and how
-    many were valid, and the winning valid row (the greatest precedence struct; a NULL field
-    sorts lowest). Rows read and rejected come from this same pass."""
+def flagged_orders_sql(source_sql):
+    """Every row of the pinned source, typed to the contract, with its gross amount and
+    whether the contract accepts it."""
     casts = ",\n               ".join(
         f"try_cast({c} AS {t}) AS {c}" for c, (t, _) in SOURCE_COLUMNS.items()
     )
     statuses = ", ".join(f"'{s}'" for s in VALID_STATUSES)
-    winner = ", ".join(PRECEDENCE)
     return f"""
-        WITH typed AS (
-            SELECT {casts}
-            FROM {source_sql}
-        ),
-        flagged AS (
-            SELECT *, COALESCE(
-                order_id IS NOT NULL AND customer_id IS NOT NULL AND product_id IS NOT NULL
-                AND order_ts IS NOT NULL AND status IN ({statuses})
-                AND quantity >= 1 AND unit_price >= 0 AND discount >= 0 AND discount < 1
-                AND gross_amount IS NOT NULL, FALSE) AS is_valid
-            FROM (SELECT *, try_cast(quantity * unit_price AS DECIMAL(18,2)) AS gross_amount
-                  FROM typed)
-        )
-        SELECT order_id, COUNT(*) AS rows_read, COUNT_IF(NOT is_valid) AS rows_rejected,
-               MAX(CASE WHEN is_valid THEN struct({winner}, gross_amount) END) AS w
-        FROM flagged
-        GROUP BY order_id
+        SELECT *, COALESCE(
+            order_id IS NOT NULL AND customer_id IS NOT NULL AND product_id IS NOT NULL
+            AND order_ts IS NOT NULL AND status IN ({statuses})
+            AND quantity >= 1 AND unit_price >= 0 AND discount >= 0 AND discount < 1
+            AND gross_amount IS NOT NULL, FALSE) AS is_valid
+        FROM (SELECT *, try_cast(quantity * unit_price AS DECIMAL(18,2)) AS gross_amount
+              FROM (SELECT {casts} FROM {source_sql}))
     """
 
 
-def derived_orders_sql(grouped_view):
-    """The valid, deduplicated orders with the contract's derived values."""
+def derived_orders_sql(flagged_view):
+    """The valid orders, one per order_id (the greatest precedence; a NULL sorts lowest), with
+    the contract's derived values. A window keeps the rows flat, so no struct is sorted."""
     revenue = ", ".join(f"'{s}'" for s in REVENUE_STATUSES)
+    order = ", ".join(f"{c} DESC NULLS LAST" for c in PRECEDENCE)
     return f"""
-        SELECT order_id, w.customer_id, w.product_id, w.category, w.region, w.order_ts,
-               CAST(w.order_ts AS DATE) AS order_date, w.status, w.quantity, w.unit_price,
-               w.discount, w.gross_amount,
-               CAST(ROUND(w.gross_amount * (1 - w.discount), 2) AS DECIMAL(18,2)) AS net_amount,
-               w.status <> 'cancelled' AS counted,
-               w.status IN ({revenue}) AS revenue_bearing
-        FROM {grouped_view}
-        WHERE w IS NOT NULL
+        SELECT order_id, customer_id, product_id, category, region, order_ts,
+               CAST(order_ts AS DATE) AS order_date, status, quantity, unit_price,
+               discount, gross_amount,
+               CAST(ROUND(gross_amount * (1 - discount), 2) AS DECIMAL(18,2)) AS net_amount,
+               status <> 'cancelled' AS counted,
+               status IN ({revenue}) AS revenue_bearing
+        FROM (
+            SELECT *, ROW_NUMBER() OVER (PARTITION BY order_id ORDER BY {order}) AS _rn
+            FROM {flagged_view}
+            WHERE is_valid
+        )
+        WHERE _rn = 1
     """
 
 
@@ -541,17 +535,16 @@ class NotebookRun:
         self.source_version = resolve_source_version(src, wanted)
         validate_source_schema(src, schema)
         self.source_sql = _versioned(src, self.source_version)
-        grouped, self.checkpointed = _checkpoint(spark.sql(clean_orders_sql(self.source_sql)))
-        # Held until `finish`: Spark Connect frees a checkpoint when its DataFrame is collected.
-        self._frames = [grouped]
-        grouped_view = self.view("grouped", grouped)
+        flagged_view = self.view("flagged", spark.sql(flagged_orders_sql(self.source_sql)))
         counts = spark.sql(
-            f"SELECT COALESCE(SUM(rows_read), 0) AS n, COALESCE(SUM(rows_rejected), 0) AS bad "
-            f"FROM {grouped_view}"
+            f"SELECT COUNT(*) AS n, COUNT_IF(NOT is_valid) AS bad FROM {flagged_view}"
         ).collect()[0]
         self.rows_read = int(counts["n"])
         self.rows_rejected = int(counts["bad"])
-        self.clean_view = self.view("clean", spark.sql(derived_orders_sql(grouped_view)))
+        clean, self.checkpointed = _checkpoint(spark.sql(derived_orders_sql(flagged_view)))
+        # Held until `finish`: Spark Connect frees a checkpoint when its DataFrame is collected.
+        self._frames = [clean]
+        self.clean_view = self.view("clean", clean)
 
     @property
     def source_described(self):
