@@ -37,6 +37,8 @@ run = NotebookRun(
     dbutils.widgets.get("source_table"),
     dbutils.widgets.get("target_schema"),
     dbutils.widgets.get("source_version"),
+    # Both MERGEs below read the cleaned rows: derived once and kept for the run.
+    reuse=True,
 )
 
 # COMMAND ----------

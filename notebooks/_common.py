@@ -163,6 +163,9 @@ _FAST_SETTINGS = {
     # Adaptive execution coalesces the small shuffles of the dedup and the aggregations.
     "spark.sql.adaptive.enabled": "true",
     "spark.sql.adaptive.coalescePartitions.enabled": "true",
+    # A MERGE reads its source twice (find the touched files, then write them); materialized
+    # once, the dedup behind it runs once instead of twice.
+    "spark.databricks.delta.merge.materializeSource": "all",
 }
 
 
@@ -518,7 +521,7 @@ def check_subset(table_sql, described, facts_sql, facts_described):
 class NotebookRun:
     """One notebook run: the pinned, validated, cleaned source and the tables it writes."""
 
-    def __init__(self, notebook, source_table, target_schema="", source_version=""):
+    def __init__(self, notebook, source_table, target_schema="", source_version="", reuse=False):
         self.notebook = notebook
         self.started_at = _dt.datetime.now(_dt.timezone.utc)
         self._t0 = _time.monotonic()
@@ -541,7 +544,12 @@ class NotebookRun:
         ).collect()[0]
         self.rows_read = int(counts["n"])
         self.rows_rejected = int(counts["bad"])
-        clean, self.checkpointed = _checkpoint(spark.sql(derived_orders_sql(flagged_view)))
+        clean = spark.sql(derived_orders_sql(flagged_view))
+        # Kept only for a notebook whose MERGEs read the rows more than once (`reuse`): keeping
+        # them costs more than one derivation from the pinned version, which gives the same rows.
+        self.checkpointed = False
+        if reuse:
+            clean, self.checkpointed = _checkpoint(clean)
         # Held until `finish`: Spark Connect frees a checkpoint when its DataFrame is collected.
         self._frames = [clean]
         self.clean_view = self.view("clean", clean)

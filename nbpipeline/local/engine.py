@@ -134,10 +134,6 @@ class EngineConfig:
             "spark.sql.adaptive.enabled": "true",
             "spark.scheduler.mode": "FAIR",
             "spark.databricks.delta.snapshotPartitions": "4",
-            # MERGE reads its source twice (find the touched files, then write); materializing
-            # it once (on disk, Delta's default storage level for this) saves recomputing the
-            # deduplicating window.
-            "spark.databricks.delta.merge.materializeSource": "all",
             # INFO logging of every gRPC call costs measurable time on small jobs.
             "spark.log.level": "WARN",
         }
