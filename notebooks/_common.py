@@ -204,9 +204,9 @@ def _checkpoint(df):
     """`df` computed once and kept for this run (local checkpoint); where the runtime offers
     no checkpoint (serverless), `df` itself: still correct, as it reads a pinned version."""
     try:
-        return df.localCheckpoint(), True
+        return df.localCheckpoint()
     except Exception:  # recomputed on use instead
-        return df, False
+        return df
 
 
 def _history(table, limit):
@@ -547,9 +547,8 @@ class NotebookRun:
         clean = spark.sql(derived_orders_sql(flagged_view))
         # Kept only for a notebook whose MERGEs read the rows more than once (`reuse`): keeping
         # them costs more than one derivation from the pinned version, which gives the same rows.
-        self.checkpointed = False
         if reuse:
-            clean, self.checkpointed = _checkpoint(clean)
+            clean = _checkpoint(clean)
         # Held until `finish`: Spark Connect frees a checkpoint when its DataFrame is collected.
         self._frames = [clean]
         self.clean_view = self.view("clean", clean)
