@@ -157,6 +157,8 @@ def parse_source_version(value, what="source_version"):
 # The contract's dates are UTC dates; the session must agree whatever the cluster says.
 spark.conf.set("spark.sql.session.timeZone", "UTC")
 
+_MATERIALIZE_CONF = "spark.databricks.delta.merge.materializeSource"
+
 # Settings that only make the notebooks do less work. Each is tried on its own: a runtime that
 # refuses one (serverless accepts few session settings) runs without it.
 _FAST_SETTINGS = {
@@ -165,7 +167,7 @@ _FAST_SETTINGS = {
     "spark.sql.adaptive.coalescePartitions.enabled": "true",
     # A MERGE reads its source twice (find the touched files, then write them); materialized
     # once, the dedup behind it runs once instead of twice.
-    "spark.databricks.delta.merge.materializeSource": "all",
+    _MATERIALIZE_CONF: "all",
 }
 
 
@@ -288,11 +290,14 @@ def validate_source_schema(src, schema):
 # DBTITLE 1,Clean and deduplicate
 
 
-def flagged_orders_sql(source_sql):
+def flagged_orders_sql(source_sql, recount=False):
     """Every row of the pinned source, typed to the contract, with its gross amount and
-    whether the contract accepts it."""
+    whether the contract accepts it. With `recount`, also `_recount_id`: the raw order_id of
+    a row that the check's own valid-row rule (VALID_ROW_SQL) accepts, else NULL."""
     casts = ",\n               ".join(
-        f"try_cast({c} AS {t}) AS {c}" for c, (t, _) in SOURCE_COLUMNS.items()
+        [f"try_cast({c} AS {t}) AS {c}" for c, (t, _) in SOURCE_COLUMNS.items()]
+        # Read from the raw columns in the same scan, so the check shares no cast with the query.
+        + ([f"CASE WHEN {VALID_ROW_SQL} THEN order_id END AS _recount_id"] if recount else [])
     )
     statuses = ", ".join(f"'{s}'" for s in VALID_STATUSES)
     return f"""
@@ -411,10 +416,15 @@ def _rows_text(rows):
 def profile(table_sql, keys, amounts):
     """Row count, distinct keys and negative amounts of one table version, in one scan."""
     negatives = "".join(f", COUNT_IF({c} < 0) AS neg_{c}" for c in amounts)
-    row = spark.sql(
+    if len(keys) == 1:
+        # A plain distinct count is much cheaper than one over a struct; a NULL key, which
+        # COUNT(DISTINCT) skips, counts as one more key, as it would in a struct.
+        distinct = f"COUNT(DISTINCT {keys[0]}) + IF(COUNT_IF({keys[0]} IS NULL) > 0, 1, 0)"
+    else:
         # struct(...) so that keys with NULL parts (a NULL region) still count as keys.
-        f"SELECT COUNT(*) AS rows, COUNT(DISTINCT struct({', '.join(keys)})) AS keys"
-        f"{negatives} FROM {table_sql}"
+        distinct = f"COUNT(DISTINCT struct({', '.join(keys)}))"
+    row = spark.sql(
+        f"SELECT COUNT(*) AS rows, {distinct} AS keys{negatives} FROM {table_sql}"
     ).collect()[0]
     return {k: int(v) for k, v in row.asDict().items()}
 
@@ -465,12 +475,9 @@ VALID_ROW_SQL = (
 )
 
 
-def check_matches_source(described, source_sql, source_described, stats):
-    expected = int(
-        spark.sql(
-            f"SELECT COUNT(DISTINCT order_id) AS n FROM {source_sql} WHERE {VALID_ROW_SQL}"
-        ).collect()[0]["n"]
-    )
+def check_matches_source(described, expected, source_described, stats):
+    """`expected`: the distinct order_ids of the source's rows that VALID_ROW_SQL accepts
+    (counted by NotebookRun(recount=True) in its scan of the source)."""
     actual = stats["rows"]
     meta = {
         "expected_rows": expected,
@@ -491,8 +498,11 @@ def check_matches_source(described, source_sql, source_described, stats):
 
 
 def check_subset(table_sql, described, facts_sql, facts_described):
+    # Only the facts whose order_id the checked table holds take part in the join: a small
+    # side, where all of order_facts would be shuffled.
+    facts = f"SELECT * FROM {facts_sql} WHERE order_id IN (SELECT order_id FROM {table_sql})"
     orphans = (
-        f"SELECT h.order_id, h.net_amount FROM {table_sql} h LEFT ANTI JOIN {facts_sql} f "
+        f"SELECT h.order_id, h.net_amount FROM {table_sql} h LEFT ANTI JOIN ({facts}) f "
         "ON h.order_id = f.order_id AND f.revenue_bearing AND h.customer_id <=> f.customer_id "
         "AND h.region <=> f.region AND h.order_date <=> f.order_date "
         "AND h.net_amount <=> f.net_amount"
@@ -521,7 +531,15 @@ def check_subset(table_sql, described, facts_sql, facts_described):
 class NotebookRun:
     """One notebook run: the pinned, validated, cleaned source and the tables it writes."""
 
-    def __init__(self, notebook, source_table, target_schema="", source_version="", reuse=False):
+    def __init__(
+        self,
+        notebook,
+        source_table,
+        target_schema="",
+        source_version="",
+        reuse=False,
+        recount=False,
+    ):
         self.notebook = notebook
         self.started_at = _dt.datetime.now(_dt.timezone.utc)
         self._t0 = _time.monotonic()
@@ -538,17 +556,24 @@ class NotebookRun:
         self.source_version = resolve_source_version(src, wanted)
         validate_source_schema(src, schema)
         self.source_sql = _versioned(src, self.source_version)
-        flagged_view = self.view("flagged", spark.sql(flagged_orders_sql(self.source_sql)))
+        flagged_view = self.view(
+            "flagged", spark.sql(flagged_orders_sql(self.source_sql, recount=recount))
+        )
+        recounted = ", COUNT(DISTINCT _recount_id) AS valid_orders" if recount else ""
         counts = spark.sql(
-            f"SELECT COUNT(*) AS n, COUNT_IF(NOT is_valid) AS bad FROM {flagged_view}"
+            f"SELECT COUNT(*) AS n, COUNT_IF(NOT is_valid) AS bad{recounted} FROM {flagged_view}"
         ).collect()[0]
         self.rows_read = int(counts["n"])
         self.rows_rejected = int(counts["bad"])
+        #: Distinct order_ids of valid source rows by the check's own rule (with `recount`).
+        self.valid_orders = int(counts["valid_orders"]) if recount else None
         clean = spark.sql(derived_orders_sql(flagged_view))
         # Kept only for a notebook whose MERGEs read the rows more than once (`reuse`): keeping
         # them costs more than one derivation from the pinned version, which gives the same rows.
-        if reuse:
-            clean = _checkpoint(clean)
+        kept = _checkpoint(clean) if reuse else clean
+        # A MERGE reading kept rows need not materialize its source again: they cannot change.
+        self._materialize = "none" if kept is not clean else None
+        clean = kept
         # Held until `finish`: Spark Connect frees a checkpoint when its DataFrame is collected.
         self._frames = [clean]
         self.clean_view = self.view("clean", clean)
@@ -589,11 +614,14 @@ class NotebookRun:
         run_ts = self.started_at.strftime("%Y-%m-%d %H:%M:%S.%f")
         # A runtime refusing the setting still commits; `committed_version` then goes by counts.
         marked = _try_set(_COMMIT_MARKER_CONF, marker)
+        materialize = self._materialize and _try_set(_MATERIALIZE_CONF, self._materialize)
         try:
             metrics = spark.sql(merge_sql(target, view, columns, keys, run_ts)).collect()[0]
         finally:
             if marked:
                 spark.conf.unset(_COMMIT_MARKER_CONF)
+            if materialize:
+                _try_set(_MATERIALIZE_CONF, _FAST_SETTINGS[_MATERIALIZE_CONF])
         metrics = metrics.asDict()
         counts = [
             int(metrics.get(k) or 0)
