@@ -31,9 +31,13 @@ time.tzset()
 def nbpipeline_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A private NBPIPELINE_HOME and engine port for the whole test session."""
     home = tmp_path_factory.mktemp("nbpipeline_home")
-    saved = {k: os.environ.get(k) for k in ("NBPIPELINE_HOME", "NBPIPELINE_ENGINE_PORT")}
+    names = ("NBPIPELINE_HOME", "NBPIPELINE_ENGINE_PORT", "NBPIPELINE_ENGINE_CODEGEN")
+    saved = {k: os.environ.get(k) for k in names}
     os.environ["NBPIPELINE_HOME"] = str(home)
     os.environ["NBPIPELINE_ENGINE_PORT"] = str(free_port())
+    # Test tables hold a few thousand rows, where compiling generated code costs more than it
+    # saves; the contract tests turn it back on (helpers.generated_code).
+    os.environ["NBPIPELINE_ENGINE_CODEGEN"] = "off"
     os.environ.pop("NBPIPELINE_SPARK_REMOTE", None)
     yield home
     for key, value in saved.items():

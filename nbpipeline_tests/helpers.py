@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -507,3 +507,21 @@ def release_hands_the_slot_to_one(storage: Any) -> list[Any]:
     assert len(assigned) == 1
     assert storage.claim_concurrency_slot(POOL, assigned[0].run_id, "Notebook1").is_claimed
     return waiting
+
+
+#: Spark's defaults for generated code, which a user's engine runs with (the tests' engine runs
+#: with NBPIPELINE_ENGINE_CODEGEN=off).
+CODEGEN_ON = {"spark.sql.codegen.wholeStage": "true", "spark.sql.codegen.factoryMode": "FALLBACK"}
+
+
+@contextlib.contextmanager
+def generated_code(spark) -> Iterator[None]:
+    """The Spark session `spark` with generated code on while the block runs."""
+    saved = {k: spark.conf.get(k) for k in CODEGEN_ON}
+    for key, value in CODEGEN_ON.items():
+        spark.conf.set(key, value)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            spark.conf.set(key, value)

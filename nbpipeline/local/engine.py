@@ -73,6 +73,7 @@ class EngineConfig:
     driver_memory: str
     cores: str
     ui: bool
+    codegen: bool = True
 
     @classmethod
     def from_env(cls) -> EngineConfig:
@@ -90,6 +91,9 @@ class EngineConfig:
             raise EngineError(
                 f"NBPIPELINE_ENGINE_MEMORY={memory!r} is not a JVM memory size such as 1g or 1536m"
             )
+        raw_codegen = os.environ.get("NBPIPELINE_ENGINE_CODEGEN", "").strip().lower() or "on"
+        if raw_codegen not in ("on", "off"):
+            raise EngineError(f"NBPIPELINE_ENGINE_CODEGEN={raw_codegen!r} is not on or off")
         return cls(
             home=settings.home(),
             host="127.0.0.1",
@@ -97,6 +101,7 @@ class EngineConfig:
             driver_memory=memory,
             cores=os.environ.get("NBPIPELINE_ENGINE_CORES", "*"),
             ui=os.environ.get("NBPIPELINE_ENGINE_UI", "") in ("1", "true", "yes"),
+            codegen=raw_codegen == "on",
         )
 
     @property
@@ -112,7 +117,7 @@ class EngineConfig:
     def spark_conf(self) -> dict[str, str]:
         """Spark settings of the server: Delta, a persistent metastore, small-shuffle sizing."""
         home = self.home
-        return {
+        conf = {
             "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
             "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
             # A Hive metastore on embedded Derby keeps schema.table names across restarts; only
@@ -137,6 +142,12 @@ class EngineConfig:
             # INFO logging of every gRPC call costs measurable time on small jobs.
             "spark.log.level": "WARN",
         }
+        if not self.codegen:
+            # Interpreted evaluation: on tables of a few thousand rows compiling the generated
+            # code costs more than it saves (docs/performance.md has the crossover).
+            conf["spark.sql.codegen.wholeStage"] = "false"
+            conf["spark.sql.codegen.factoryMode"] = "NO_CODEGEN"
+        return conf
 
 
 def _pid_alive(pid: int) -> bool:

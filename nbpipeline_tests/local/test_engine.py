@@ -78,6 +78,45 @@ def test_engine_memory_is_checked_before_the_jvm_sees_it(monkeypatch, tmp_path: 
             engine.EngineConfig.from_env()
 
 
+def test_generated_code_is_on_unless_switched_off(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("NBPIPELINE_HOME", str(tmp_path))
+    monkeypatch.delenv("NBPIPELINE_ENGINE_CODEGEN", raising=False)
+    conf = engine.EngineConfig.from_env().spark_conf()
+    assert "spark.sql.codegen.wholeStage" not in conf
+    monkeypatch.setenv("NBPIPELINE_ENGINE_CODEGEN", "OFF")
+    conf = engine.EngineConfig.from_env().spark_conf()
+    assert conf["spark.sql.codegen.wholeStage"] == "false"
+    assert conf["spark.sql.codegen.factoryMode"] == "NO_CODEGEN"
+    monkeypatch.setenv("NBPIPELINE_ENGINE_CODEGEN", "fast")
+    with pytest.raises(EngineError, match="NBPIPELINE_ENGINE_CODEGEN='fast' is not on or off"):
+        engine.EngineConfig.from_env()
+
+
+@pytest.mark.spark
+def test_the_tests_engine_runs_interpreted_and_generated_code_can_be_switched_back(spark) -> None:
+    from nbpipeline_tests.helpers import generated_code
+
+    assert spark.conf.get("spark.sql.codegen.wholeStage") == "false"
+    query = "SELECT SUM(id * 2) AS x FROM range(10)"
+
+    def plan() -> str:
+        # Adaptive execution plans code generation per stage when it runs, so EXPLAIN shows it
+        # only without it.
+        spark.conf.set("spark.sql.adaptive.enabled", "false")
+        try:
+            return spark.sql(f"EXPLAIN {query}").collect()[0][0]
+        finally:
+            spark.conf.set("spark.sql.adaptive.enabled", "true")
+
+    # Whole-stage generated code shows as `*(n)` operators in the physical plan.
+    assert "*(" not in plan()
+    assert spark.sql(query).collect()[0]["x"] == 90
+    with generated_code(spark):
+        assert "*(" in plan()
+        assert spark.sql(query).collect()[0]["x"] == 90
+    assert spark.conf.get("spark.sql.codegen.wholeStage") == "false"
+
+
 def test_config_keeps_everything_under_home(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("NBPIPELINE_HOME", str(tmp_path / "h"))
     monkeypatch.setenv("NBPIPELINE_ENGINE_PORT", "15999")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import uuid
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from nbpipeline import settings
 from nbpipeline.local import seed
 from nbpipeline.local.runtime import run_notebook
 from nbpipeline_tests import contract_oracle as oracle
-from nbpipeline_tests.helpers import assert_table_equal, collect
+from nbpipeline_tests.helpers import assert_table_equal, collect, generated_code
 
 pytestmark = pytest.mark.spark
 
@@ -144,6 +145,13 @@ def table_owner(table: str) -> str:
 
 
 # --------------------------------------------------------------------------- the three runs
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _generated_code(spark) -> Iterator[None]:
+    """The contract is checked on the code path users run: generated code on."""
+    with generated_code(spark):
+        yield
 
 
 @pytest.fixture(scope="module")
