@@ -509,14 +509,17 @@ def release_hands_the_slot_to_one(storage: Any) -> list[Any]:
     return waiting
 
 
-#: Spark's defaults for generated code, which a user's engine runs with (the tests' engine runs
-#: with NBPIPELINE_ENGINE_CODEGEN=off).
+#: Spark's own defaults of the settings NBPIPELINE_ENGINE_CODEGEN=off changes (the tests' engine
+#: runs with it off; a user's engine runs with these).
 CODEGEN_ON = {"spark.sql.codegen.wholeStage": "true", "spark.sql.codegen.factoryMode": "FALLBACK"}
 
 
 @contextlib.contextmanager
 def generated_code(spark) -> Iterator[None]:
     """The Spark session `spark` with generated code on while the block runs."""
+    from nbpipeline.local.engine import NO_CODEGEN_CONF
+
+    assert set(CODEGEN_ON) == set(NO_CODEGEN_CONF)
     saved = {k: spark.conf.get(k) for k in CODEGEN_ON}
     for key, value in CODEGEN_ON.items():
         spark.conf.set(key, value)

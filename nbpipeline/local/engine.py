@@ -63,6 +63,14 @@ def _log_progress(message: str) -> None:
 DEFAULT_MEMORY = "1g"
 
 
+#: NBPIPELINE_ENGINE_CODEGEN=off: interpreted evaluation. On tables of a few thousand rows
+#: compiling the generated code costs more than it saves (docs/performance.md has the crossover).
+NO_CODEGEN_CONF = {
+    "spark.sql.codegen.wholeStage": "false",
+    "spark.sql.codegen.factoryMode": "NO_CODEGEN",
+}
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Settings of the local engine, read from the environment."""
@@ -143,10 +151,7 @@ class EngineConfig:
             "spark.log.level": "WARN",
         }
         if not self.codegen:
-            # Interpreted evaluation: on tables of a few thousand rows compiling the generated
-            # code costs more than it saves (docs/performance.md has the crossover).
-            conf["spark.sql.codegen.wholeStage"] = "false"
-            conf["spark.sql.codegen.factoryMode"] = "NO_CODEGEN"
+            conf.update(NO_CODEGEN_CONF)
         return conf
 
 

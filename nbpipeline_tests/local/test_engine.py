@@ -87,6 +87,7 @@ def test_generated_code_is_on_unless_switched_off(monkeypatch, tmp_path: Path) -
     conf = engine.EngineConfig.from_env().spark_conf()
     assert conf["spark.sql.codegen.wholeStage"] == "false"
     assert conf["spark.sql.codegen.factoryMode"] == "NO_CODEGEN"
+    assert engine.NO_CODEGEN_CONF.items() <= conf.items()
     monkeypatch.setenv("NBPIPELINE_ENGINE_CODEGEN", "fast")
     with pytest.raises(EngineError, match="NBPIPELINE_ENGINE_CODEGEN='fast' is not on or off"):
         engine.EngineConfig.from_env()
