@@ -317,6 +317,7 @@ def test_databricks_untrusted_certificate(
     )
 
 
+@pytest.mark.slow
 def test_databricks_silent_server_times_out(
     databricks_env: Path,
     silent_server: _Server,

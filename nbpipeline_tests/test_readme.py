@@ -351,6 +351,7 @@ def test_bad_first_run_rows_is_one_line_with_a_hint() -> None:
     assert "hint: unset it" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.spark
 def test_engine_commands(spark, tmp_path: Path) -> None:
     """`engine status --json` and `engine start` on the session's engine; `engine stop` on a
@@ -389,6 +390,7 @@ def test_engine_start_says_so_and_a_failure_names_the_next_step(tmp_path: Path) 
     assert "hint: " in proc.stderr and "nbpipeline engine start" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.spark
 def test_seed_change_batch_command(spark, schema: str) -> None:
     table = f"{schema}.orders"

@@ -34,6 +34,7 @@ def test_bad_table_name_refused_before_spark(capsys) -> None:
     assert "invalid --source" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.spark
 def test_seed_notebook_run_and_tables(spark, schema: str, capsys) -> None:
     source = f"{schema}.orders"

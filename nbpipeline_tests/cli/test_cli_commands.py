@@ -31,6 +31,7 @@ from nbpipeline_tests.helpers import (
 )
 
 
+@pytest.mark.slow
 @pytest.mark.spark
 def test_notebook_run_with_a_high_value_threshold_param(spark, schema: str, capsys) -> None:
     """`nbpipeline notebook run notebooks/Notebook4.py --param high_value_threshold=500`: the

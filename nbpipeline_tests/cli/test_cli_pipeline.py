@@ -161,6 +161,7 @@ def test_pools_exist_with_one_slot_before_any_run(tmp_path: Path) -> None:
             assert info.slot_count == 1, pool
 
 
+@pytest.mark.slow
 @pytest.mark.spark
 @pytest.mark.dagster
 def test_failed_run_exits_1_with_the_step_error(spark, schema: str, tmp_path: Path) -> None:

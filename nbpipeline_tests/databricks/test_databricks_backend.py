@@ -797,6 +797,7 @@ def _check_figures(figures: dict[str, Any], per: float) -> None:
     assert figures["wall_s"]["sequential"] >= 4 * per  # it cannot be faster than its runs
 
 
+@pytest.mark.slow
 def test_parallel_runs_overlap_and_durations_come_from_the_server(
     loopback: LoopbackDatabricks,
 ) -> None:

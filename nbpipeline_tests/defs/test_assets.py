@@ -205,6 +205,7 @@ def _checks(result: dg.ExecuteInProcessResult) -> dict[Any, Any]:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.spark
 @pytest.mark.dagster
 def test_checks_fail_with_a_reason_on_broken_data(spark, materialized) -> None:

@@ -53,6 +53,7 @@ def make_user_table(spark: Any, schema: str, name: str = "their_orders") -> str:
 # --------------------------------------------------------------------------- demo data
 
 
+@pytest.mark.slow
 @pytest.mark.spark
 def test_seed_refuses_a_table_it_did_not_create(spark, schema: str) -> None:
     table = make_user_table(spark, schema)
@@ -105,6 +106,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.spark
 def test_seed_cli_refuses_in_one_line_and_writes_nothing(spark, schema: str) -> None:
     table = make_user_table(spark, schema)
@@ -151,6 +153,7 @@ def test_demo_job_changes_demo_tables_only(spark, schema: str) -> None:
 # --------------------------------------------------------------------------- the source asset
 
 
+@pytest.mark.slow
 @pytest.mark.spark
 @pytest.mark.dagster
 def test_orders_is_observed_and_materialize_all_leaves_it_alone(

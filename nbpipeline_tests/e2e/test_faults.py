@@ -355,6 +355,7 @@ def _materialize_notebook1(backend: FakeBackend) -> tuple[dg.ExecuteInProcessRes
     return result, [e.user_message for e in instance.all_logs(result.run_id)]
 
 
+@pytest.mark.slow
 @pytest.mark.dagster
 def test_transient_failures_are_retried_a_bounded_number_of_times_with_the_reason_logged() -> None:
     """A connection loss that never heals: 1 + 3 attempts (the real policy: ~14 s of backoff),

@@ -18,7 +18,7 @@ from nbpipeline.defs.tags import SOURCE_VERSION_TAG
 from nbpipeline.tables import OUTPUT_KEYS, OUTPUT_TABLES
 from nbpipeline_tests.helpers import latest_version, step_windows
 
-pytestmark = [pytest.mark.spark, pytest.mark.dagster]
+pytestmark = [pytest.mark.spark, pytest.mark.dagster, pytest.mark.slow]
 
 NOTEBOOKS = ("Notebook1", "Notebook2", "Notebook3", "Notebook4")
 

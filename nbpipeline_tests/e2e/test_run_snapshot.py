@@ -18,7 +18,7 @@ from nbpipeline.tables import OUTPUT_TABLES
 from nbpipeline_tests import contract_oracle as oracle
 from nbpipeline_tests.helpers import assert_table_equal, collect, materializations
 
-pytestmark = [pytest.mark.spark, pytest.mark.dagster]
+pytestmark = [pytest.mark.spark, pytest.mark.dagster, pytest.mark.slow]
 
 
 class Writer(threading.Thread):

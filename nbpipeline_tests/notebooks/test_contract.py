@@ -204,6 +204,7 @@ def test_first_run_matches_oracle(spark, source: str, first_run: dict) -> None:
     check_exits(spark, source, first_run["exits"], expected, counts)
 
 
+@pytest.mark.slow
 def test_change_batch_matches_oracle(
     spark, source: str, first_run: dict, changed_run: dict
 ) -> None:
@@ -232,6 +233,7 @@ def test_change_batch_matches_oracle(
     check_exits(spark, source, changed_run["exits"], expected, counts)
 
 
+@pytest.mark.slow
 def test_rerun_on_unchanged_source_changes_nothing(
     spark, source: str, changed_run: dict, rerun: dict
 ) -> None:
@@ -348,6 +350,7 @@ def check_edge_cases(expected: oracle.Expected) -> None:
     assert not any(day == EMPTY_DAY.date() for day, _ in daily)
 
 
+@pytest.mark.slow
 def test_delta_path_source(spark, tmp_path_factory: pytest.TempPathFactory) -> None:
     folder: Path = tmp_path_factory.mktemp("contract_paths")
     source = f"delta.`{folder}/orders`"

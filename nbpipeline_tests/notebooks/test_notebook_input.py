@@ -94,6 +94,7 @@ def test_unknown_parameter_is_refused(spark, written: str) -> None:
         run_notebook(notebooks_dir() / "Notebook1.py", {"threshold": "1"}, spark=spark)
 
 
+@pytest.mark.slow
 def test_extra_columns_ignored_and_empty_or_all_invalid_source_gives_empty_outputs(
     spark, written: str
 ) -> None:

@@ -27,7 +27,7 @@ from nbpipeline.local.runtime import run_notebook
 from nbpipeline_tests import contract_oracle as oracle
 from nbpipeline_tests.helpers import assert_table_equal, collect
 
-pytestmark = pytest.mark.spark
+pytestmark = [pytest.mark.spark, pytest.mark.slow]
 
 
 def run(spark, notebook: str, params: dict[str, str], folder: Path | None = None) -> dict:

@@ -47,6 +47,7 @@ def _step_spans(instance, run_id: str) -> dict[str, float]:
     return spans
 
 
+@pytest.mark.slow
 def test_compare_matches_the_event_log(pair, tmp_path: Path, capsys) -> None:
     instance, _source, seeded, ids = pair
     assert comparison.latest_pair(instance) == (ids["sequential"], ids["parallel"])
@@ -98,6 +99,7 @@ def _step_metadata(instance, run_id: str, key: str) -> dict[str, object]:
     return out
 
 
+@pytest.mark.slow
 def test_steps_of_a_run_share_one_spark_session(pair) -> None:
     from nbpipeline.local.backend import run_session_id
 
@@ -148,6 +150,7 @@ def test_runtime_comparison_on_a_fresh_instance_records_nothing_to_compare() -> 
         assert "nbpipeline run sequential" in text
 
 
+@pytest.mark.slow
 def test_runtime_comparison_asset_and_sensor(pair) -> None:
     from nbpipeline import definitions
 
@@ -198,6 +201,7 @@ def _rows(spark, table: str, keys: tuple[str, ...]) -> list[tuple]:
     return sorted(tuple(r) for r in df.orderBy(*keys).collect())
 
 
+@pytest.mark.slow
 def test_orchestration_notebooks_write_the_same_tables_as_the_jobs(spark, pair) -> None:
     _instance, source, _seeded, _ids = pair
     schema = source.split(".")[0]
@@ -226,6 +230,7 @@ def test_orchestration_notebooks_write_the_same_tables_as_the_jobs(spark, pair) 
             )
 
 
+@pytest.mark.slow
 def test_reference_writes_what_the_notebooks_write(spark, pair, tmp_path: Path) -> None:
     from nbpipeline.perf import reference
 
