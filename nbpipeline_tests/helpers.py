@@ -261,10 +261,11 @@ class Gates:
 OVERLAP_MODES = ("sequential", "parallel")
 OVERLAP_SCHEDULE = "parallel_notebooks_schedule"
 OVERLAP_NOTEBOOKS = ("Notebook1", "Notebook2", "Notebook3", "Notebook4")
-# The tick's minute is at least this far ahead of the schedule's start, so the first round's runs
-# exist before it (a daemon that starts late still launches the tick: Dagster catches up ticks
-# since the schedule was started).
-TICK_LEAD_S = 45
+# The tick's minute is at least this far ahead of the schedule's start, so the first round's steps
+# have started before it (a run's first step starts within about 10 s of its launch on a loaded
+# machine); a daemon that starts late still launches the tick, as Dagster catches up ticks since
+# the schedule was started. Each second more is a second of every overlap test.
+TICK_LEAD_S = 25
 MAX_ROUNDS = 12  # a daemon that never ticks fails the test instead of looping forever
 
 
