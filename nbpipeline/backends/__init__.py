@@ -1,1 +1,0 @@
-"""Backends that run a notebook: the embedded local engine, or a Databricks workspace."""
