@@ -27,12 +27,6 @@ os.environ["TZ"] = "UTC"
 time.tzset()
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    # Every engine the suite starts (the session's, a module's own, one a CLI child starts) runs
-    # a few small jobs and stops: the optimizing JIT would cost it more CPU than it saves.
-    os.environ.setdefault("NBPIPELINE_ENGINE_JIT", "quick")
-
-
 @pytest.fixture(scope="session")
 def nbpipeline_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A private NBPIPELINE_HOME and engine port for the whole test session."""

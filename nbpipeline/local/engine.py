@@ -70,17 +70,6 @@ NO_CODEGEN_CONF = {
     "spark.sql.codegen.factoryMode": "NO_CODEGEN",
 }
 
-#: NBPIPELINE_ENGINE_JIT=quick: the JVM compiles hot code with its quick compiler (C1) only and
-#: collects garbage on one thread. On small tables the optimizing compiler's work costs more CPU
-#: than its faster code saves (docs/performance.md has the figures).
-QUICK_JIT_OPTIONS = (
-    "-XX:TieredStopAtLevel=1",
-    # C1 alone gets a 48 MB code cache by default; Spark fills it and the cache sweeper spins.
-    "-XX:ReservedCodeCacheSize=240m",
-    "-XX:+UseSerialGC",
-)
-JIT_MODES = ("full", "quick")
-
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -93,7 +82,6 @@ class EngineConfig:
     cores: str
     ui: bool
     codegen: bool = True
-    jit: str = "full"
 
     @classmethod
     def from_env(cls) -> EngineConfig:
@@ -114,9 +102,6 @@ class EngineConfig:
         raw_codegen = os.environ.get("NBPIPELINE_ENGINE_CODEGEN", "").strip().lower() or "on"
         if raw_codegen not in ("on", "off"):
             raise EngineError(f"NBPIPELINE_ENGINE_CODEGEN={raw_codegen!r} is not on or off")
-        jit = os.environ.get("NBPIPELINE_ENGINE_JIT", "").strip().lower() or "full"
-        if jit not in JIT_MODES:
-            raise EngineError(f"NBPIPELINE_ENGINE_JIT={jit!r} is not full or quick")
         return cls(
             home=settings.home(),
             host="127.0.0.1",
@@ -125,7 +110,6 @@ class EngineConfig:
             cores=os.environ.get("NBPIPELINE_ENGINE_CORES", "*"),
             ui=os.environ.get("NBPIPELINE_ENGINE_UI", "") in ("1", "true", "yes"),
             codegen=raw_codegen == "on",
-            jit=jit,
         )
 
     @property
@@ -133,11 +117,6 @@ class EngineConfig:
         path = self.home / "engine"
         path.mkdir(parents=True, exist_ok=True)
         return path
-
-    @property
-    def java_options(self) -> tuple[str, ...]:
-        """JVM options of the engine beyond Spark's own (the JIT mode's)."""
-        return QUICK_JIT_OPTIONS if self.jit == "quick" else ()
 
     @property
     def url(self) -> str:
@@ -156,9 +135,7 @@ class EngineConfig:
                 f"jdbc:derby:;databaseName={home / 'metastore_db'};create=true"
             ),
             "spark.sql.warehouse.dir": str(home / "warehouse"),
-            "spark.driver.extraJavaOptions": " ".join(
-                (f"-Dderby.system.home={self.state_dir}", *self.java_options)
-            ),
+            "spark.driver.extraJavaOptions": f"-Dderby.system.home={self.state_dir}",
             "spark.local.dir": str(self.state_dir / "tmp"),
             "spark.connect.grpc.binding.address": self.host,
             "spark.connect.grpc.binding.port": str(self.port),
@@ -492,8 +469,6 @@ def classic_session(
     for key in list(conf):
         if key.startswith(("spark.connect.", "spark.hadoop.javax.jdo", "spark.driver.extraJava")):
             conf.pop(key)
-    if config.java_options:
-        conf["spark.driver.extraJavaOptions"] = " ".join(config.java_options)
     conf["spark.sql.catalogImplementation"] = "in-memory"
     conf["spark.local.dir"] = tempfile.mkdtemp(prefix="nbpipeline-classic-")
     builder = (

@@ -93,37 +93,6 @@ def test_generated_code_is_on_unless_switched_off(monkeypatch, tmp_path: Path) -
         engine.EngineConfig.from_env()
 
 
-def test_quick_jit_is_a_setting_of_the_engine_jvm(monkeypatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("NBPIPELINE_HOME", str(tmp_path))
-    monkeypatch.delenv("NBPIPELINE_ENGINE_JIT", raising=False)
-    java = engine.EngineConfig.from_env().spark_conf()["spark.driver.extraJavaOptions"]
-    assert java == f"-Dderby.system.home={tmp_path / 'engine'}"
-    monkeypatch.setenv("NBPIPELINE_ENGINE_JIT", " Quick ")
-    java = engine.EngineConfig.from_env().spark_conf()["spark.driver.extraJavaOptions"]
-    assert java.split() == [f"-Dderby.system.home={tmp_path / 'engine'}", *engine.QUICK_JIT_OPTIONS]
-    monkeypatch.setenv("NBPIPELINE_ENGINE_JIT", "c1")
-    with pytest.raises(EngineError, match="NBPIPELINE_ENGINE_JIT='c1' is not full or quick"):
-        engine.EngineConfig.from_env()
-
-
-@pytest.mark.spark
-def test_the_tests_engine_jvm_runs_the_quick_jit(spark, nbpipeline_home: Path) -> None:
-    """The session engine's JVM was started with the quick JIT's options (read from the running
-    process, not from our config)."""
-    import json
-
-    import psutil
-
-    pid = json.loads((nbpipeline_home / "engine" / "server.json").read_text())["pid"]
-    args = [
-        arg
-        for p in (psutil.Process(pid), *psutil.Process(pid).children(recursive=True))
-        if p.name() == "java"
-        for arg in p.cmdline()
-    ]
-    assert set(engine.QUICK_JIT_OPTIONS) <= set(args), args
-
-
 @pytest.mark.spark
 def test_the_tests_engine_runs_interpreted_and_generated_code_can_be_switched_back(spark) -> None:
     from nbpipeline_tests.helpers import generated_code
