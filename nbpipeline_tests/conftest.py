@@ -173,8 +173,20 @@ def job_pair(spark, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
 SLOW_TIMEOUT_S = 1500
 
 
+def _test_file(item: pytest.Item) -> str:
+    return item.path.stem  # two files of one name would only share a worker
+
+
+# tryfirst: pytest-xdist reads the groups in its own hook.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Under pytest-xdist (`--dist loadgroup`) a group runs on one worker: each test file is one,
+    # so a module's fixtures run once, and the files asserting on `job_pair` share one, so the
+    # pair of runs is made once.
+    pair_files = {_test_file(i) for i in items if "job_pair" in getattr(i, "fixturenames", ())}
     for item in items:
         marks = {m.name for m in item.iter_markers()}
         if marks & {"slow", "ui"} and "timeout" not in marks:
             item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
+        group = "job_pair" if _test_file(item) in pair_files else _test_file(item)
+        item.add_marker(pytest.mark.xdist_group(group))

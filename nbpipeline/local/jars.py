@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pyspark
+from filelock import FileLock
 
 from nbpipeline import settings
 from nbpipeline.errors import JarsError
@@ -91,12 +92,25 @@ def resolve_jars(progress: Callable[[str], None] | None = None) -> list[Path]:
 
     cached = settings.cache_dir() / "jars" / coordinate.replace(":", "_")
     manifest = cached / "jars.json"
-    if manifest.exists():
-        names = json.loads(manifest.read_text())
-        jars = [cached / n for n in names]
-        if all(j.exists() for j in jars):
-            return jars
+    jars = _cached_jars(manifest)
+    if jars:
+        return jars
+    # Engines of several NBPIPELINE_HOMEs share the cache: one resolves, the others wait for it.
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cached) + ".lock"):
+        return _cached_jars(manifest) or _resolve(coordinate, cached, manifest, progress)
 
+
+def _cached_jars(manifest: Path) -> list[Path] | None:
+    if not manifest.exists():
+        return None
+    jars = [manifest.parent / n for n in json.loads(manifest.read_text())]
+    return jars if all(j.exists() for j in jars) else None
+
+
+def _resolve(
+    coordinate: str, cached: Path, manifest: Path, progress: Callable[[str], None]
+) -> list[Path]:
     progress(f"Resolving Delta Lake JARs {coordinate} (once; cached in {cached}) ...")
     # One Ivy folder per coordinate: its jars/ folder then holds exactly Delta's closure.
     ivy = settings.cache_dir() / "ivy" / coordinate.replace(":", "_")
