@@ -27,14 +27,41 @@ os.environ["TZ"] = "UTC"
 time.tzset()
 
 
+def _shared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder every process of this pytest run can see: the run's temp folder, or with
+    pytest-xdist the folder above the workers' own (one engine serves them all)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def _engine_users(shared: Path, change: int) -> int:
+    """Count the processes of the run using the engine; the last one out stops it."""
+    from filelock import FileLock
+
+    with FileLock(str(shared / "engine.lock")):
+        count = shared / "engine.users"
+        users = (int(count.read_text()) if count.exists() else 0) + change
+        count.write_text(str(users))
+        return users
+
+
 @pytest.fixture(scope="session")
 def nbpipeline_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A private NBPIPELINE_HOME and engine port for the whole test session."""
-    home = tmp_path_factory.mktemp("nbpipeline_home")
+    """A private NBPIPELINE_HOME and engine port for the whole test run (shared by its workers)."""
+    from filelock import FileLock
+
+    shared = _shared_dir(tmp_path_factory)
+    home = shared / "nbpipeline_home"
+    with FileLock(str(shared / "engine.lock")):
+        port_file = shared / "engine.port"
+        if not port_file.exists():
+            home.mkdir()
+            port_file.write_text(str(free_port()))
+        port = port_file.read_text()
     names = ("NBPIPELINE_HOME", "NBPIPELINE_ENGINE_PORT", "NBPIPELINE_ENGINE_CODEGEN")
     saved = {k: os.environ.get(k) for k in names}
     os.environ["NBPIPELINE_HOME"] = str(home)
-    os.environ["NBPIPELINE_ENGINE_PORT"] = str(free_port())
+    os.environ["NBPIPELINE_ENGINE_PORT"] = port
     # Test tables hold a few thousand rows, where compiling generated code costs more than it
     # saves; the contract tests turn it back on (helpers.generated_code).
     os.environ["NBPIPELINE_ENGINE_CODEGEN"] = "off"
@@ -48,13 +75,18 @@ def nbpipeline_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
-def spark(nbpipeline_home: Path):
-    """A Spark Connect session on a local engine started once for the test session."""
+def spark(nbpipeline_home: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A Spark Connect session on a local engine started once for the test run: the first
+    process to need it starts it (under the engine's own start lock), the last one stops it."""
     from nbpipeline.local import engine
 
-    session = engine.get_spark()
-    yield session
-    engine.stop()
+    shared = _shared_dir(tmp_path_factory)
+    _engine_users(shared, +1)
+    try:
+        yield engine.get_spark()
+    finally:
+        if _engine_users(shared, -1) == 0:
+            engine.stop()
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ TESTS = Path(__file__).resolve().parent
 EXERCISED_BY: dict[str, list[str]] = {
     'pip install -e ".[dev]"': [".ci/run"],
     "pytest": [".ci/run"],
-    'pytest -m "not slow and not ui"': ["test_readme.py::test_fast_tier_selection"],
+    'pytest -m "not slow and not ui" -n 2': ["test_readme.py::test_fast_tier_selection"],
     "pytest -m databricks": ["test_readme.py::test_databricks_marker_selects_the_live_tests"],
     "nbpipeline run parallel": ["test_readme.py::test_main_command_seeds_a_missing_source"],
     "nbpipeline ui": [
@@ -247,7 +247,9 @@ def test_command_words() -> None:
 def test_fast_tier_selection() -> None:
     """README's fast tier selects the quick tests and none of the long runs it names."""
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "not slow and not ui"],
+        # pytest-xdist collects in this process when only collecting: the output is the same.
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "not slow and not ui"]
+        + ["-n", "2"],
         cwd=PROJECT_ROOT,
         capture_output=True,
         text=True,
