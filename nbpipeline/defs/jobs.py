@@ -23,8 +23,8 @@ from nbpipeline.settings import positive_int_env
 MAX_CONCURRENT_ENV = "NBPIPELINE_MAX_CONCURRENT"
 DEFAULT_MAX_CONCURRENT = len(NOTEBOOK_NAMES)
 # Step processes are forked from a server that has imported the definitions and the Spark
-# Connect client once, instead of each spawned process importing them again (see
-# docs/design-notes-A.md); safe, since the server only imports modules and opens no gRPC channel.
+# Connect client once, instead of each spawned process importing them again (figures in
+# docs/performance.md); safe, since the server only imports modules and opens no gRPC channel.
 FORKSERVER_PRELOAD = ["nbpipeline.definitions", "pyspark.sql.connect.session"]
 
 #: The five outputs; selecting them selects their asset checks too.
