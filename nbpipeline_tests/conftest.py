@@ -34,11 +34,16 @@ def _shared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
-def _engine_users(shared: Path, change: int) -> int:
-    """Count the processes of the run using the engine; the last one out stops it."""
+def _engine_lock(shared: Path):
+    """The lock over the run's shared engine files (its port, its count of users)."""
     from filelock import FileLock
 
-    with FileLock(str(shared / "engine.lock")):
+    return FileLock(str(shared / "engine.lock"))
+
+
+def _engine_users(shared: Path, change: int) -> int:
+    """Count the processes of the run using the engine; the last one out stops it."""
+    with _engine_lock(shared):
         count = shared / "engine.users"
         users = (int(count.read_text()) if count.exists() else 0) + change
         count.write_text(str(users))
@@ -48,11 +53,9 @@ def _engine_users(shared: Path, change: int) -> int:
 @pytest.fixture(scope="session")
 def nbpipeline_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A private NBPIPELINE_HOME and engine port for the whole test run (shared by its workers)."""
-    from filelock import FileLock
-
     shared = _shared_dir(tmp_path_factory)
     home = shared / "nbpipeline_home"
-    with FileLock(str(shared / "engine.lock")):
+    with _engine_lock(shared):
         port_file = shared / "engine.port"
         if not port_file.exists():
             home.mkdir()
