@@ -11,29 +11,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from nbpipeline.databricks.bundle import write_bundle
-from nbpipeline.databricks.client import api_errors_reported, command_workspace_client
-from nbpipeline.databricks.deploy import deploy, diff_jobs, prepared
-from nbpipeline.databricks.jobs import (
-    DEFAULT_NODE_TYPES,
-    JOB_KEYS,
-    JOB_NAMES,
-    LAYOUTS,
-    JobOptions,
-    all_job_settings,
-    describe_job_settings,
-)
-from nbpipeline.databricks.polling import PollPolicy
-from nbpipeline.databricks.runs import failure_error, run_deployed_job
+# Only the job names here: the Databricks SDK and the job specs are imported by the commands
+# that use them, so `nbpipeline --help` and the local commands do not pay seconds for them.
+from nbpipeline.databricks.kinds import DEFAULT_NODE_TYPES, JOB_KEYS, JOB_NAMES, LAYOUTS
 from nbpipeline.errors import ConfigError
+
+if TYPE_CHECKING:
+    from nbpipeline.databricks.jobs import JobOptions
+
+Command = Callable[[argparse.Namespace], int]
 
 
 def add_subcommands(subparsers: Any) -> None:
@@ -240,6 +235,8 @@ def _pairs(values: list[str], what: str) -> tuple[tuple[str, str], ...]:
 
 
 def _options(args: argparse.Namespace) -> JobOptions:
+    from nbpipeline.databricks.jobs import JobOptions
+
     crons = tuple(
         (key, value)
         for key in ("sequential", "parallel", "orchestration-sequential", "orchestration-parallel")
@@ -278,6 +275,20 @@ def _write_json(value: Any) -> None:
     _write(json.dumps(value, indent=2, sort_keys=True))
 
 
+def _api_errors_reported(command: Command) -> Command:
+    """The command with a Databricks API failure reported as one line (see
+    `client.api_errors_reported`)."""
+
+    @functools.wraps(command)
+    def reported(args: argparse.Namespace) -> int:
+        from nbpipeline.databricks.client import api_errors_reported
+
+        with api_errors_reported():
+            return command(args)
+
+    return reported
+
+
 @contextlib.contextmanager
 def _progress_logger(enabled: bool = True) -> Iterator[logging.Logger]:
     """A logger that shows progress on stderr for this command only.
@@ -298,9 +309,13 @@ def _progress_logger(enabled: bool = True) -> Iterator[logging.Logger]:
         logger.removeHandler(handler)
 
 
-@api_errors_reported()
+@_api_errors_reported
 def cmd_deploy(args: argparse.Namespace) -> int:
     """`databricks deploy`: returns 0, or raises NbPipelineError."""
+    from nbpipeline.databricks.client import command_workspace_client
+    from nbpipeline.databricks.deploy import deploy, prepared
+    from nbpipeline.databricks.jobs import all_job_settings, describe_job_settings
+
     options = _options(args)
     if args.dry_run:
         options, _ = prepared(None, options)
@@ -325,6 +340,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 def cmd_bundle(args: argparse.Namespace) -> int:
     """`databricks bundle --out DIR`: writes the bundle; 0, or raises NbPipelineError."""
+    from nbpipeline.databricks.bundle import write_bundle
+
     options = _options(args)
     if args.host:
         options = replace(options, host=args.host).validated()
@@ -334,9 +351,12 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     return 0
 
 
-@api_errors_reported()
+@_api_errors_reported
 def cmd_diff(args: argparse.Namespace) -> int:
     """`databricks diff`: 0 when every job matches what deploy would write, 1 otherwise."""
+    from nbpipeline.databricks.client import command_workspace_client
+    from nbpipeline.databricks.deploy import diff_jobs
+
     options = _options(args)
     _, ws = command_workspace_client()
     diffs = diff_jobs(ws, options, _modes(args, options))
@@ -347,9 +367,13 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return 0 if all(d.in_sync for d in diffs) else 1
 
 
-@api_errors_reported()
+@_api_errors_reported
 def cmd_run(args: argparse.Namespace) -> int:
     """`databricks run MODE`: 0 on success; a failed run raises NotebookError after the report."""
+    from nbpipeline.databricks.client import command_workspace_client
+    from nbpipeline.databricks.polling import PollPolicy
+    from nbpipeline.databricks.runs import failure_error, run_deployed_job
+
     if args.timeout <= 0:
         raise ConfigError(f"--timeout must be > 0 (got {args.timeout})")
     if not 0 < args.poll_initial <= args.poll_max:

@@ -3,5 +3,6 @@ the Databricks `NotebookBackend`, and the Databricks-native jobs (specs, deploy,
 
 Modules: `client` (credentials, workspace client, API errors), `sync` (workspace notebooks),
 `polling` (waiting for and cancelling runs), `backend` (`DatabricksNotebookBackend`), `quartz`
-(cron to Quartz), `jobs` (job settings), `deploy`, `runs` (run-now and run timings), `bundle`.
+(cron to Quartz), `kinds` (the jobs' names and kinds), `jobs` (job settings), `deploy`, `runs`
+(run-now and run timings), `bundle`.
 """

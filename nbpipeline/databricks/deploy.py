@@ -17,7 +17,8 @@ from databricks.sdk import WorkspaceClient
 from databricks.sdk.service import jobs
 
 from nbpipeline.databricks.client import API_ERRORS, describe_api_error, resolve_workspace_dir
-from nbpipeline.databricks.jobs import JOB_NAMES, NOTEBOOKS_TAG, JobOptions, all_job_settings
+from nbpipeline.databricks.jobs import NOTEBOOKS_TAG, JobOptions, all_job_settings
+from nbpipeline.databricks.kinds import JOB_NAMES
 from nbpipeline.databricks.sync import (
     local_notebooks,
     normalized_source,

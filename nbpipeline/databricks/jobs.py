@@ -32,14 +32,20 @@ from nbpipeline.databricks.client import (
     WORKSPACE_DIR_ENV,
     check_workspace_dir,
 )
+from nbpipeline.databricks.kinds import (
+    COMPUTE_KINDS,
+    DEFAULT_NODE_TYPES,
+    JOB_KEYS,
+    JOB_KINDS,
+    JOB_NAMES,
+    LAYOUTS,
+)
 from nbpipeline.databricks.quartz import cron_to_quartz
 from nbpipeline.errors import ConfigError, NbPipelineError
 from nbpipeline.local.runtime import declared_widgets
 from nbpipeline.settings import DEFAULT_SOURCE_TABLE
 from nbpipeline.widgets import validate_widget_values
 
-TASK_GRAPH, ORCHESTRATION = "task-graph", "orchestration"
-LAYOUTS = (TASK_GRAPH, ORCHESTRATION)
 JOB_CLUSTER_KEY = "nbpipeline_cluster"
 # Databricks Runtime 17.3 LTS runs Spark 4.0 (Scala 2.13), the closest LTS to the local engine.
 DEFAULT_SPARK_VERSION = "17.3.x-scala2.13"
@@ -52,59 +58,6 @@ NODE_TYPE_ENV = "NBPIPELINE_DATABRICKS_NODE_TYPE_ID"
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class JobKind:
-    """One deployable job: its name, layout and what kind of run it is for `compare`."""
-
-    key: str
-    name: str
-    layout: str
-    style: str  # sequential | parallel | comparison
-    summary: str
-
-
-JOB_KINDS: dict[str, JobKind] = {
-    k.key: k
-    for k in (
-        JobKind(
-            "sequential",
-            "nbpipeline-sequential",
-            TASK_GRAPH,
-            "sequential",
-            "Notebook1 -> Notebook4 as chained job tasks",
-        ),
-        JobKind(
-            "parallel",
-            "nbpipeline-parallel",
-            TASK_GRAPH,
-            "parallel",
-            "Notebook1..4 as independent job tasks, all at once",
-        ),
-        JobKind(
-            "orchestration-sequential",
-            "nbpipeline-orchestration-sequential",
-            ORCHESTRATION,
-            "sequential",
-            "one task running SequentialOrchestration (dbutils.notebook.run, one after another)",
-        ),
-        JobKind(
-            "orchestration-parallel",
-            "nbpipeline-orchestration-parallel",
-            ORCHESTRATION,
-            "parallel",
-            "one task running ParallelOrchestration (dbutils.notebook.run from a thread pool)",
-        ),
-        JobKind(
-            "comparison",
-            "nbpipeline-comparison",
-            ORCHESTRATION,
-            "comparison",
-            "pins the source version, then SequentialOrchestration, then ParallelOrchestration",
-        ),
-    )
-}
-JOB_KEYS = tuple(JOB_KINDS)
-JOB_NAMES = {k: kind.name for k, kind in JOB_KINDS.items()}
 ORCHESTRATION_NOTEBOOKS = {
     "orchestration-sequential": "SequentialOrchestration",
     "orchestration-parallel": "ParallelOrchestration",
@@ -117,10 +70,6 @@ SOURCE_VERSION_REF = "{{tasks.PinSourceVersion.values.source_version}}"
 JOB_START_REF = "{{job.start_time.iso_datetime}}"
 NOTEBOOKS_TAG = "nbpipeline_notebooks_sha256"
 
-COMPUTE_KINDS = ("serverless", "job-cluster", "existing:<cluster-id>")
-# The node type a job cluster gets on each cloud unless --node-type-id says otherwise: general
-# purpose, 4 cores, local disk for Spark's shuffle and Delta's caches.
-DEFAULT_NODE_TYPES = {"aws": "i3.xlarge", "azure": "Standard_D4ds_v5", "gcp": "n2-standard-4"}
 # A failed notebook task is retried once after a minute. The Jobs API cannot retry on one error
 # class only; the retry is there for Delta's concurrent-modification conflicts, and rerunning a
 # notebook whose MERGE failed for another reason is harmless (a MERGE commits whole or not at all).

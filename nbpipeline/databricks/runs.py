@@ -20,7 +20,7 @@ from databricks.sdk.service import jobs
 from nbpipeline.backend import NOTEBOOK_NAMES
 from nbpipeline.databricks.client import API_ERRORS, describe_api_error
 from nbpipeline.databricks.deploy import find_jobs, single_job_id
-from nbpipeline.databricks.jobs import JOB_KEYS, JOB_KINDS, JOB_NAMES
+from nbpipeline.databricks.kinds import JOB_KEYS, JOB_KINDS, JOB_NAMES
 from nbpipeline.databricks.polling import (
     PollPolicy,
     fetch_error,

@@ -23,6 +23,23 @@ def test_help_lists_every_command() -> None:
         assert f"    {command}" in out
 
 
+def test_help_imports_no_engine_dagster_or_databricks_sdk() -> None:
+    """`--help` (and every command's parser) loads none of the heavy libraries: each takes a
+    second or more to import, and every `nbpipeline` call would pay for them."""
+    code = (
+        "import sys\n"
+        "from nbpipeline.cli import build_parser\n"
+        "build_parser().format_help()\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    loaded = set(json.loads(out.replace("'", '"')))
+    assert {"nbpipeline", "argparse"} <= loaded
+    assert not loaded & {"dagster", "dagster_databricks", "databricks", "pyspark", "pandas"}
+
+
 def test_bad_param_syntax_is_one_line_error(capsys) -> None:
     assert main(["notebook", "run", "notebooks/Notebook1.py", "--param", "novalue"]) == 2
     err = capsys.readouterr().err

@@ -16,13 +16,8 @@ from nbpipeline.cli.databricks import add_subcommands
 from nbpipeline.cron import check_timezone
 from nbpipeline.databricks.client import make_workspace_client
 from nbpipeline.databricks.deploy import deploy, diff_settings, prepared
-from nbpipeline.databricks.jobs import (
-    JOB_CLUSTER_KEY,
-    JOB_KINDS,
-    JOB_NAMES,
-    JobOptions,
-    build_job_settings,
-)
+from nbpipeline.databricks.jobs import JOB_CLUSTER_KEY, JobOptions, build_job_settings
+from nbpipeline.databricks.kinds import JOB_KINDS, JOB_NAMES
 from nbpipeline.databricks.polling import PollPolicy
 from nbpipeline.databricks.quartz import cron_to_quartz
 from nbpipeline.databricks.runs import job_run_report, run_deployed_job
