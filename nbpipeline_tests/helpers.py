@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -486,6 +487,54 @@ def claimed_together(home: Path, monkeypatch: pytest.MonkeyPatch) -> int:
     barrier, results = ctx.Barrier(CLAIMERS), ctx.Queue()
     procs = [
         ctx.Process(target=_claim, args=(str(home), barrier, results)) for _ in range(CLAIMERS)
+    ]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=120)
+        assert proc.exitcode == 0
+    return sum(results.get(timeout=10) for _ in procs)
+
+
+#: The statements of dagster-postgres's claim at which the lockstep claimers meet: both have
+#: seen a free slot before either records its step, and both have selected the free slot row
+#: before either takes it.
+LOCKSTEP_STATEMENTS = ("INSERT INTO pending_steps", "UPDATE concurrency_slots")
+LOCKSTEP_WAIT_S = 20.0
+
+
+def _claim_in_lockstep(home: str, barriers: dict[str, Any], results: Any) -> None:
+    import sqlalchemy as db
+
+    os.environ["DAGSTER_HOME"] = home
+    with dg.DagsterInstance.get() as instance:
+        storage = instance.event_log_storage
+
+        def meet(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+            for prefix, barrier in barriers.items():
+                if statement.lstrip().startswith(prefix):
+                    with contextlib.suppress(threading.BrokenBarrierError):
+                        barrier.wait(timeout=LOCKSTEP_WAIT_S)
+
+        db.event.listen(storage._engine, "before_cursor_execute", meet)
+        status = storage.claim_concurrency_slot(POOL, uuid.uuid4().hex, "Notebook1")
+        results.put(status.is_claimed)
+
+
+def claimed_in_lockstep(home: Path, monkeypatch: pytest.MonkeyPatch) -> int:
+    """How many of two claimers got the pool's single slot when each statement of one claim
+    is made to run beside the other's (LOCKSTEP_STATEMENTS), not left to timing. A claim that
+    holds its row lock through the update keeps the second claimer from its update: then the
+    first waits LOCKSTEP_WAIT_S in vain and one claim wins."""
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    with dg.DagsterInstance.get() as instance:
+        instance.event_log_storage.initialize_concurrency_limit_to_default(POOL)
+    ctx = mp.get_context("fork")
+    barriers = {statement: ctx.Barrier(2) for statement in LOCKSTEP_STATEMENTS}
+    results = ctx.Queue()
+    procs = [
+        ctx.Process(target=_claim_in_lockstep, args=(str(home), barriers, results))
+        for _ in range(2)
     ]
     for proc in procs:
         proc.start()

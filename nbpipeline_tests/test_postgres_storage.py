@@ -15,9 +15,9 @@ import pytest
 
 from nbpipeline.settings import PROJECT_ROOT
 from nbpipeline_tests.helpers import (
-    CLAIMERS,
     PLAIN_YAML,
     POOL,
+    claimed_in_lockstep,
     claimed_together,
     release_hands_the_slot_to_one,
 )
@@ -77,12 +77,11 @@ def test_one_claim_wins_and_its_release_hands_it_to_one(
 def test_plain_dagster_postgres_storage_lets_several_claims_win(
     server, tmp_path_factory, monkeypatch
 ) -> None:
-    """If dagster-postgres's claim becomes atomic, this fails and postgres_storage.py can go."""
-    for attempt in range(10):
-        home = _home(tmp_path_factory.mktemp(f"q{attempt}"), server, monkeypatch, project=False)
-        if claimed_together(home, monkeypatch) > 1:
-            return
-    pytest.fail(f"10 rounds of {CLAIMERS} simultaneous claims never over-claimed dagster-postgres")
+    """If dagster-postgres's claim becomes atomic, this fails and postgres_storage.py can go.
+    The two claims are interleaved statement by statement, so the race is certain, not hoped
+    for (released together and left to timing, 10 rounds of 8 claimers sometimes all missed it)."""
+    home = _home(tmp_path_factory.mktemp("q"), server, monkeypatch, project=False)
+    assert claimed_in_lockstep(home, monkeypatch) == 2
 
 
 def test_a_pool_initialised_twice_stays_usable(server, tmp_path_factory, monkeypatch) -> None:
