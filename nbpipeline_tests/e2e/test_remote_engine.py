@@ -2,8 +2,10 @@
 remote Spark Connect server through `NBPIPELINE_SPARK_REMOTE` by a run whose own home starts no
 engine, then stopped with `nbpipeline engine stop` while it runs.
 
-The tests run in file order on one engine of the module's own (its own NBPIPELINE_HOME and port,
-never the session engine); the last one stops it.
+The tests share one engine of the module's own (its own NBPIPELINE_HOME and port, never the
+session engine). Each starts it with README's offline command if it is not running, which costs
+nothing when it is, so they pass in any order (pytest-xdist may interleave other files' tests);
+in file order the last one stops it.
 """
 
 from __future__ import annotations
@@ -89,6 +91,15 @@ def second(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     _cli("engine", "stop", env=env, timeout=120)  # a test that failed before the stop test
 
 
+def _running_url(second: dict[str, Any]) -> str:
+    """The module's engine URL, after starting it as the first test does if it is not running
+    (the start only prints the URL when it is)."""
+    env = {**second["env"], "NBPIPELINE_DELTA_JARS": str(second["jars"])}
+    started = _cli("engine", "start", env=env)
+    assert started.returncode == 0, started.stderr
+    return started.stdout.strip()
+
+
 def test_engine_starts_from_an_offline_jar_folder(second: dict[str, Any]) -> None:
     """README's offline set-up: `export NBPIPELINE_DELTA_JARS=...` then `nbpipeline engine
     start`: the JVM gets exactly the folder's JARs (the cache stays empty) and Delta works."""
@@ -105,7 +116,6 @@ def test_engine_starts_from_an_offline_jar_folder(second: dict[str, Any]) -> Non
     assert not Path(env["NBPIPELINE_CACHE_DIR"]).exists() or not any(
         Path(env["NBPIPELINE_CACHE_DIR"]).rglob("*.jar")
     )
-    second["url"], second["pid"] = url, status["pid"]
     spark = _session(url)
     try:
         table = f"offline_{uuid.uuid4().hex[:6]}.t"
@@ -129,8 +139,7 @@ def test_remote_engine_runs_the_pipeline_and_no_local_engine_starts(
     """`NBPIPELINE_SPARK_REMOTE=sc://...`: seeding and a parallel run go to that server; the
     run's own NBPIPELINE_HOME gets no engine (no state, nothing on its port) and the outputs,
     read on the remote server, meet the contract."""
-    assert "url" in second, "the offline-JAR engine did not start (see the previous test)"
-    url = second["url"]
+    url = _running_url(second)
     home = tmp_path / "client_home"
     port = free_port()
     env = {
@@ -161,9 +170,10 @@ def test_remote_engine_runs_the_pipeline_and_no_local_engine_starts(
 
 def test_engine_stop_stops_a_running_engine(second: dict[str, Any]) -> None:
     """`nbpipeline engine stop` on a running engine: the JVM ends, its port closes, its state
-    file goes and `status` says stopped. Last in the module."""
-    assert "pid" in second, "the offline-JAR engine did not start (see the first test)"
-    env, pid = second["env"], second["pid"]
+    file goes and `status` says stopped."""
+    env = second["env"]
+    _running_url(second)
+    pid = json.loads(_cli("engine", "status", "--json", env=env).stdout)["pid"]
     assert engine.engine_alive(pid)
     stopped = _cli("engine", "stop", env=env, timeout=120)
     assert stopped.returncode == 0, stopped.stderr
