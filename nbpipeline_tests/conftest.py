@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -208,20 +208,54 @@ def job_pair(spark, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
 SLOW_TIMEOUT_S = 1500
 
 
-def _test_file(item: pytest.Item) -> str:
-    return item.path.stem  # two files of one name would only share a worker
+# Under pytest-xdist each group of test files below runs whole on one worker, one file after
+# another: a module's fixtures run once, and files that depend on each other's work share one.
+#: The files asserting on the session's `job_pair`: together, so the pair of runs is made once.
+JOB_PAIR_FILES = {"test_jobs", "test_comparison"}
+#: Files whose tests start trees of processes (daemons, dagster dev, runs, engines): one after
+#: another on one worker while the other runs the rest (two of them at once on two cores slowed
+#: each other several times over).
+HEAVY_FILES = {
+    "test_overlap",
+    "test_overlap_postgres",
+    "test_ui",
+    "test_faults",
+    "test_loadtest",
+    "test_remote_engine",
+}
 
 
-# tryfirst: pytest-xdist reads the groups in its own hook.
-@pytest.hookimpl(tryfirst=True)
+def worker_group(path: str) -> str:
+    """The group of the test file at `path` (a node id's file part)."""
+    stem = Path(path).stem
+    if stem in JOB_PAIR_FILES:
+        return "job_pair"
+    return "heavy" if stem in HEAVY_FILES else path
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`--dist loadfile` with `worker_group` as the unit. (pytest-xdist 3.8's `xdist_group` marks
+    do nothing under pytest 9.2: they rename a node id attribute pytest no longer reads.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class FileGroupScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return worker_group(nodeid.split("::", 1)[0])
+
+    return FileGroupScheduling(config, log)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # Under pytest-xdist (`--dist loadgroup`) a group runs on one worker: each test file is one,
-    # so a module's fixtures run once, and the files asserting on `job_pair` share one, so the
-    # pair of runs is made once.
-    pair_files = {_test_file(i) for i in items if "job_pair" in getattr(i, "fixturenames", ())}
+    pair_files = {i.path.stem for i in items if "job_pair" in getattr(i, "fixturenames", ())}
+    if not pair_files <= JOB_PAIR_FILES:
+        raise pytest.UsageError(
+            f"conftest.JOB_PAIR_FILES must name every file using job_pair: add "
+            f"{sorted(pair_files - JOB_PAIR_FILES)}"
+        )
     for item in items:
         marks = {m.name for m in item.iter_markers()}
         if marks & {"slow", "ui"} and "timeout" not in marks:
             item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
-        group = "job_pair" if _test_file(item) in pair_files else _test_file(item)
-        item.add_marker(pytest.mark.xdist_group(group))

@@ -317,6 +317,8 @@ def test_databricks_marker_selects_the_live_tests() -> None:
             "-m",
             "pytest",
             "-v",
+            "-n",
+            "0",
             "-p",
             "no:cacheprovider",
             "-m",
@@ -428,3 +430,45 @@ def test_main_command_seeds_a_missing_source(spark, tmp_path: Path) -> None:
     said: list[str] = []
     assert ensure_source(spark, DEFAULT_SOURCE_TABLE, rows=10, out=said.append) is False
     assert said == [] and spark.table(DEFAULT_SOURCE_TABLE).count() == 500
+
+
+WORKER_PLUGIN = """
+import os
+
+def pytest_runtest_logstart(nodeid, location):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        with open(os.environ["NBPIPELINE_TEST_ORDER"], "a") as out:
+            out.write(os.environ["PYTEST_XDIST_WORKER"] + " " + nodeid + "\\n")
+"""
+
+
+def test_the_two_workers_keep_each_group_of_files_together(tmp_path: Path) -> None:
+    """README's `pytest` in two workers (planned only, nothing runs): each group of conftest's
+    `worker_group` runs on one worker, file after file, and every other file whole on one."""
+    from nbpipeline_tests.conftest import worker_group
+
+    (tmp_path / "worker_order.py").write_text(WORKER_PLUGIN)
+    order = tmp_path / "order.txt"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "worker_order", "-p", "no:cacheprovider"]
+        + ["--setup-plan", "-q"],
+        cwd=PROJECT_ROOT,
+        env={**os.environ, "PYTHONPATH": str(tmp_path), "NBPIPELINE_TEST_ORDER": str(order)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    ran = [line.split(" ", 1) for line in order.read_text().splitlines()]
+    workers: dict[str, set[str]] = {}
+    files: dict[str, list[str]] = {}  # group -> its files in the order they ran
+    for worker, nodeid in ran:
+        file = nodeid.split("::", 1)[0]
+        workers.setdefault(worker_group(file), set()).add(worker)
+        seen = files.setdefault(worker_group(file), [])
+        if not seen or seen[-1] != file:
+            seen.append(file)
+    assert set().union(*workers.values()) == {"gw0", "gw1"}, workers
+    assert all(len(ws) == 1 for ws in workers.values()), workers
+    assert all(len(f) == len(set(f)) for f in files.values()), files  # no file split up
+    assert len(files["heavy"]) == 6 and len(files["job_pair"]) == 2, files
