@@ -453,7 +453,12 @@ def test_the_two_workers_keep_each_group_of_files_together(tmp_path: Path) -> No
         [sys.executable, "-m", "pytest", "-p", "worker_order", "-p", "no:cacheprovider"]
         + ["--setup-plan", "-q"],
         cwd=PROJECT_ROOT,
-        env={**os.environ, "PYTHONPATH": str(tmp_path), "NBPIPELINE_TEST_ORDER": str(order)},
+        env={
+            # Not this run's worker variables: the plugin tells the workers by them.
+            **{k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")},
+            "PYTHONPATH": str(tmp_path),
+            "NBPIPELINE_TEST_ORDER": str(order),
+        },
         capture_output=True,
         text=True,
         timeout=300,

@@ -329,15 +329,24 @@ def stop(config: EngineConfig | None = None, timeout_s: float = 20.0) -> bool:
     if not state or not state.get("pid") or not _pid_alive(state["pid"]):
         (config.state_dir / "server.json").unlink(missing_ok=True)
         return False
-    pid = state["pid"]
+    pid, port = state["pid"], int(state.get("port") or config.port)
+
+    def running() -> bool:
+        # The port too: a Python worker the JVM started can hold its socket for a moment after
+        # the JVM is gone, and a start right after the stop would find the port taken.
+        return _pid_alive(pid) or _port_open(config.host, port)
+
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and _pid_alive(pid):
+    while time.monotonic() < deadline and running():
         time.sleep(0.2)
-    if _pid_alive(pid):
+    if running():
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and running():
+            time.sleep(0.2)
     (config.state_dir / "server.json").unlink(missing_ok=True)
     return True
 
