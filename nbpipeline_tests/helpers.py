@@ -484,10 +484,13 @@ def claimed_together(home: Path, monkeypatch: pytest.MonkeyPatch) -> int:
         instance.event_log_storage.initialize_concurrency_limit_to_default(POOL)
         assert instance.event_log_storage.get_concurrency_info(POOL).slot_count == 1
     ctx = mp.get_context("fork")  # dagster is imported already: the claimers start at once
-    barrier, results = ctx.Barrier(CLAIMERS), ctx.Queue()
-    procs = [
-        ctx.Process(target=_claim, args=(str(home), barrier, results)) for _ in range(CLAIMERS)
-    ]
+    return _claims_won(ctx, CLAIMERS, _claim, str(home), ctx.Barrier(CLAIMERS))
+
+
+def _claims_won(ctx: Any, claimers: int, claim: Callable[..., None], *args: Any) -> int:
+    """Run `claimers` processes of `claim(*args, results)`; how many got the slot."""
+    results = ctx.Queue()
+    procs = [ctx.Process(target=claim, args=(*args, results)) for _ in range(claimers)]
     for proc in procs:
         proc.start()
     for proc in procs:
@@ -531,17 +534,7 @@ def claimed_in_lockstep(home: Path, monkeypatch: pytest.MonkeyPatch) -> int:
         instance.event_log_storage.initialize_concurrency_limit_to_default(POOL)
     ctx = mp.get_context("fork")
     barriers = {statement: ctx.Barrier(2) for statement in LOCKSTEP_STATEMENTS}
-    results = ctx.Queue()
-    procs = [
-        ctx.Process(target=_claim_in_lockstep, args=(str(home), barriers, results))
-        for _ in range(2)
-    ]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(timeout=120)
-        assert proc.exitcode == 0
-    return sum(results.get(timeout=10) for _ in procs)
+    return _claims_won(ctx, 2, _claim_in_lockstep, str(home), barriers)
 
 
 def release_hands_the_slot_to_one(storage: Any) -> list[Any]:
