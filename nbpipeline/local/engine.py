@@ -336,17 +336,20 @@ def stop(config: EngineConfig | None = None, timeout_s: float = 20.0) -> bool:
         # the JVM is gone, and a start right after the stop would find the port taken.
         return _pid_alive(pid) or _port_open(config.host, port)
 
+    def gone_within(seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while running():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
+        return True
+
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and running():
-        time.sleep(0.2)
-    if running():
+    if not gone_within(timeout_s):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 5.0
-        while time.monotonic() < deadline and running():
-            time.sleep(0.2)
+        gone_within(5.0)
     (config.state_dir / "server.json").unlink(missing_ok=True)
     return True
 
