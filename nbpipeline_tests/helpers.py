@@ -32,6 +32,11 @@ from nbpipeline_tests import contract_oracle as oracle
 
 RUN_TIMEOUT_S = 900  # a busy shared machine slows engine starts and runs to minutes
 GATE_TIMEOUT_S = 600  # a gate nobody opens fails the notebook instead of holding it forever
+# For the JVMs a test starts and stops within a minute or two (its own engine, a step's classic
+# Spark): C1 alone compiles Spark's hot code for a fraction of C2's CPU, and a JVM that short-lived
+# never earns C2's compilation back (docs/performance.md, "JIT options"). Every JVM reads it.
+SHORT_JVM_ENV = "JAVA_TOOL_OPTIONS"
+SHORT_JVM_OPTIONS = "-XX:TieredStopAtLevel=1 -XX:ReservedCodeCacheSize=240m"
 
 
 def free_port() -> int:
@@ -262,19 +267,25 @@ class Gates:
 OVERLAP_MODES = ("sequential", "parallel")
 OVERLAP_SCHEDULE = "parallel_notebooks_schedule"
 OVERLAP_NOTEBOOKS = ("Notebook1", "Notebook2", "Notebook3", "Notebook4")
-# The tick's minute is at least this far ahead of the schedule's start, so the first round's steps
-# have started before it (a run's first step starts within about 10 s of its launch on a loaded
-# machine); a daemon that starts late still launches the tick, as Dagster catches up ticks since
-# the schedule was started. Each second more is a second of every overlap test.
+# The tick's minute is at least this far ahead of the schedule's start, so the daemon has loaded
+# the definitions before it (a daemon that starts late still launches the tick, as Dagster catches
+# up ticks since the schedule was started). The manual runs wait for the tick at their gates, so
+# each second more is a second of every overlap test, spent idle.
 TICK_LEAD_S = 25
-MAX_ROUNDS = 12  # a daemon that never ticks fails the test instead of looping forever
+TICK_WAIT_S = 300  # after the tick's minute: a daemon that never ticks fails the test
+
+
+def _utc_now() -> Any:
+    import datetime as dt
+
+    return dt.datetime.now(dt.UTC)
 
 
 def _next_minute(at_least_s: float) -> Any:
     """The first whole UTC minute at least `at_least_s` from now."""
     import datetime as dt
 
-    soon = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=at_least_s)
+    soon = _utc_now() + dt.timedelta(seconds=at_least_s)
     return soon.replace(second=0, microsecond=0) + dt.timedelta(minutes=1)
 
 
@@ -286,15 +297,16 @@ def merge_history(spark: Any, table: str) -> list[dict[str, Any]]:
 
 
 def overlapping_runs_scenario(
-    spark: Any, schema: str, instance: dg.DagsterInstance, work: Path, *, rounds: int = 2
+    spark: Any, schema: str, instance: dg.DagsterInstance, work: Path
 ) -> dict[str, Any]:
-    """Both jobs launched together, `rounds` times over (more until the tick has come), plus a
-    scheduled tick fired by a real `dagster-daemon` during the manual runs, on one instance and
-    one unchanged source; asserts everything the overlap test claims and returns figures.
+    """Both jobs launched together plus a scheduled tick fired by a real `dagster-daemon` while
+    they run, on one instance and one unchanged source: three runs at once. Asserts everything
+    the overlap tests claim and returns figures.
 
-    Contention is made certain, not hoped for: in the first round Notebook1 (both jobs run it)
-    holds at a gate until the other run's Notebook1 step has been blocked by the table's pool;
-    the later rounds pass the open gate. Any instance storage works (SQLite, PostgreSQL)."""
+    Contention and the tick's timing are made certain, not hoped for: Notebook1 (both jobs run
+    it) holds at a gate until the other manual run's Notebook1 has been blocked by the table's
+    pool and the tick has created its run; then the three runs go on together. Any instance
+    storage works (SQLite, PostgreSQL)."""
     from nbpipeline.defs.schedules import PARALLEL_CRON_ENV, SOURCE_TABLE_ENV, TIMEZONE_ENV
     from nbpipeline.defs.tags import SOURCE_VERSION_TAG
     from nbpipeline.instance import WORKSPACE_YAML
@@ -356,29 +368,27 @@ def overlapping_runs_scenario(
             and "Notebook1" in pool_waits(instance, r.run_id)
         ]
 
-    outcomes: list[dict[str, tuple[int, str, str]]] = []  # mode -> (returncode, stdout, stderr)
     try:
         t0 = time.monotonic()
-        ticked = False
-        while len(outcomes) < MAX_ROUNDS and not (len(outcomes) >= rounds and ticked):
-            # Seen before this round starts, so the scheduled run was created before the last
-            # round's runs ended.
-            ticked = scheduled_run() is not None
-            procs = {mode: launch(mode, source, home, **run_env) for mode in OVERLAP_MODES}
-            try:
-                if not outcomes:  # the first round: one Notebook1 holds, the other must wait
-                    gates.wait_reached("Notebook1", runs=list(procs.values()))
-                    waited = wait_for(
-                        blocked_on_notebook1, "a run's Notebook1 to wait for the table's pool"
-                    )
-                    gates.open("Notebook1")
-                outs = {
-                    mode: proc.communicate(timeout=RUN_TIMEOUT_S) for mode, proc in procs.items()
-                }
-            finally:
-                gates.open("Notebook1")
-                stop_group(list(procs.values()))
-            outcomes.append({m: (procs[m].returncode, *outs[m]) for m in OVERLAP_MODES})
+        procs = {mode: launch(mode, source, home, **run_env) for mode in OVERLAP_MODES}
+        try:
+            gates.wait_reached("Notebook1", runs=list(procs.values()))
+            waited = wait_for(
+                blocked_on_notebook1, "a run's Notebook1 to wait for the table's pool"
+            )
+            # The tick comes while both manual runs are held: its run is created during theirs.
+            wait_for(
+                scheduled_run,
+                f"the schedule's tick at {tick:%H:%M} UTC to create a run",
+                max(0.0, (tick - _utc_now()).total_seconds()) + TICK_WAIT_S,
+                every=1,
+            )
+            gates.open("Notebook1")
+            outs = {mode: proc.communicate(timeout=RUN_TIMEOUT_S) for mode, proc in procs.items()}
+        finally:
+            gates.open("Notebook1")
+            stop_group(list(procs.values()))
+        outcome = {m: (procs[m].returncode, *outs[m]) for m in OVERLAP_MODES}
         manual_wall = time.monotonic() - t0
         scheduled = wait_for(
             lambda: (run := scheduled_run()) is not None and run.is_finished and run,
@@ -390,37 +400,35 @@ def overlapping_runs_scenario(
         os.killpg(daemon.pid, signal.SIGTERM)
         daemon.wait(timeout=60)
 
-    assert ticked, f"no scheduled run after {len(outcomes)} rounds (tick at {tick:%H:%M} UTC)"
     run_ids = []
-    for number, outcome in enumerate(outcomes, 1):
-        for mode, (returncode, stdout, stderr) in outcome.items():
-            assert returncode == 0, (number, mode, stderr[-3000:])
-            run_id = stdout.strip().splitlines()[-1]
-            run_ids.append(run_id)
-            # Progress was printed per step as the run went on.
-            for nb in OVERLAP_NOTEBOOKS:
-                assert f"{nb}: started" in stderr and f"{nb}: succeeded" in stderr, stderr
-            # ... and only those: no Dagster console lines from the step processes.
-            assert " - DEBUG - " not in stderr, stderr[-3000:]
-            run = instance.get_run_by_id(run_id)
-            assert run is not None and run.status == dg.DagsterRunStatus.SUCCESS
-            assert run.job_name == f"{mode}_notebooks"
-            assert run.tags["nbpipeline/mode"] == mode
-            # Every run read the same, unchanged source: they pair up by this tag.
-            assert run.tags[SOURCE_VERSION_TAG] == source_version
+    for mode, (returncode, stdout, stderr) in outcome.items():
+        assert returncode == 0, (mode, stderr[-3000:])
+        run_id = stdout.strip().splitlines()[-1]
+        run_ids.append(run_id)
+        # Progress was printed per step as the run went on.
+        for nb in OVERLAP_NOTEBOOKS:
+            assert f"{nb}: started" in stderr and f"{nb}: succeeded" in stderr, stderr
+        # ... and only those: no Dagster console lines from the step processes.
+        assert " - DEBUG - " not in stderr, stderr[-3000:]
+        run = instance.get_run_by_id(run_id)
+        assert run is not None and run.status == dg.DagsterRunStatus.SUCCESS
+        assert run.job_name == f"{mode}_notebooks"
+        assert run.tags["nbpipeline/mode"] == mode
+        # Every run read the same, unchanged source: they pair up by this tag.
+        assert run.tags[SOURCE_VERSION_TAG] == source_version
     assert scheduled.status == dg.DagsterRunStatus.SUCCESS, scheduled.run_id
     assert scheduled.job_name == "parallel_notebooks"
     assert scheduled.tags["nbpipeline/mode"] == "parallel"
     run_ids.append(scheduled.run_id)
-    assert len(set(run_ids)) == 2 * len(outcomes) + 1
-    # The first round contended for Notebook1's table, and the waiting run said so.
+    assert len(set(run_ids)) == len(OVERLAP_MODES) + 1
+    # The manual runs contended for Notebook1's table, and the waiting run said so.
     assert set(waited) <= set(run_ids[:2]), waited
-    first_round_err = "".join(err for _, _, err in outcomes[0].values())
-    assert "blocked by limit for pool nbpipeline/Notebook1" in first_round_err
+    manual_err = "".join(err for _, _, err in outcome.values())
+    assert "blocked by limit for pool nbpipeline/Notebook1" in manual_err
 
-    # The tick came while manual runs were going on (its run was created then; the run queue
-    # may hold it until fewer than max_concurrent_runs are in progress), and no table ever had
-    # two writers at once, within a round or across the scheduled run.
+    # The tick came while the manual runs were going on (its run was created then; the run
+    # queue may hold it until fewer than max_concurrent_runs are in progress), and no table ever
+    # had two writers at once, among the manual runs or with the scheduled run.
     windows = {run_id: step_windows(instance, run_id) for run_id in run_ids}
     manual = [w for run_id, w in windows.items() if run_id != scheduled.run_id]
     ticked_at = instance.get_run_record_by_id(scheduled.run_id).create_timestamp.timestamp()
@@ -438,7 +446,7 @@ def overlapping_runs_scenario(
     # run changed nothing, and every row keeps the first run's _updated_at.
     for table in OUTPUT_TABLES:
         merges = merge_history(spark, f"{schema}.{table}")
-        assert len(merges) == 2 * len(outcomes) + 1, table
+        assert len(merges) == len(run_ids), table
         for later in merges[1:]:
             metrics = later["operationMetrics"]
             changed = [
@@ -450,13 +458,9 @@ def overlapping_runs_scenario(
             f"SELECT COUNT(DISTINCT _updated_at) AS n FROM {schema}.{table}"
         ).collect()[0]["n"]
         assert stamps == 1, table
-    waits = sum(
-        err.count("blocked by limit for pool") for o in outcomes for _, _, err in o.values()
-    )
     return {
-        "rounds": len(outcomes),
         "manual_wall_s": round(manual_wall, 1),
-        "pool_waits": waits,
+        "pool_waits": manual_err.count("blocked by limit for pool"),
         "tick": f"{tick:%H:%M} UTC",
     }
 

@@ -1,8 +1,9 @@
 """Real faults on a real run: a step process SIGKILLed mid-MERGE, a notebook raising in the
 parallel job, the engine JVM killed under a run, and bounded retries of transient failures.
 
-The engine-kill test kills an engine, so this module runs on an engine of its own (own
-NBPIPELINE_HOME and port, 1 GiB), never the session engine other modules share. Runs are launched
+The engine-kill test kills an engine, so it runs on an engine of its own (own NBPIPELINE_HOME and
+port, 1 GiB), never the session engine other modules share; the SIGKILL test kills a step process
+only and runs on the session engine. Runs are launched
 with `nbpipeline run` in a child process, as a user would, so the test process can watch the
 run's event log and the tables' folders and strike at the right moment.
 """
@@ -31,6 +32,8 @@ from nbpipeline.local.runtime import run_notebook
 from nbpipeline_tests.fakes.backend import CALLS, FakeBackend
 from nbpipeline_tests.helpers import (
     RUN_TIMEOUT_S,
+    SHORT_JVM_ENV,
+    SHORT_JVM_OPTIONS,
     Gates,
     assert_matches_contract,
     copy_notebooks,
@@ -54,16 +57,18 @@ NOTEBOOKS = ("Notebook1", "Notebook2", "Notebook3", "Notebook4")
 TABLES = ("daily_sales", "customer_summary", "product_performance", "order_facts")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def own_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A private home and engine for this module; the session's env is restored afterwards."""
+    """A private home and engine for one test; the session's env is restored afterwards. Its
+    JVMs (the first and the one the next run starts) live a minute each: C1-only JIT."""
     keys = ("NBPIPELINE_HOME", "NBPIPELINE_ENGINE_PORT", "NBPIPELINE_ENGINE_MEMORY")
-    saved = {k: os.environ.get(k) for k in (*keys, "NBPIPELINE_SPARK_REMOTE")}
+    saved = {k: os.environ.get(k) for k in (*keys, SHORT_JVM_ENV, "NBPIPELINE_SPARK_REMOTE")}
     home = tmp_path_factory.mktemp("faults_home")
     os.environ.update(
         NBPIPELINE_HOME=str(home),
         NBPIPELINE_ENGINE_PORT=str(free_port()),
         NBPIPELINE_ENGINE_MEMORY="1g",
+        **{SHORT_JVM_ENV: SHORT_JVM_OPTIONS},
     )
     os.environ.pop("NBPIPELINE_SPARK_REMOTE", None)
     try:
@@ -79,7 +84,7 @@ def own_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 def fresh_source(rows: int = ROWS) -> tuple[Any, str, str]:
-    """A new schema on the module's engine with a dirty seeded source; (spark, schema, source)."""
+    """A new schema on the current engine with a dirty seeded source; (spark, schema, source)."""
     spark = engine.get_spark()
     schema = f"faults_{uuid.uuid4().hex[:8]}"
     spark.sql(f"CREATE SCHEMA {schema}")
@@ -134,7 +139,7 @@ def broken_notebooks(folder: Path, gates: Path) -> Path:
 @pytest.mark.dagster
 @pytest.mark.slow
 def test_sigkill_mid_merge_and_raising_notebook_then_reexecute_from_failure(
-    own_engine: Path, instance: dg.DagsterInstance, tmp_path: Path
+    spark, instance: dg.DagsterInstance, tmp_path: Path
 ) -> None:
     """One parallel run, two faults: Notebook2 raises in a cell, and Notebook4's step process is
     SIGKILLed while its MERGE into order_facts executes in the engine (held there, in a test copy
@@ -145,7 +150,8 @@ def test_sigkill_mid_merge_and_raising_notebook_then_reexecute_from_failure(
     whose client died; a Delta commit is atomic). Dagster retries the crashed step (retry policy), which completes
     Notebook4; Notebook1 and 3 commit; the run fails on Notebook2 alone, with notebook, cell and
     error in one line. After the bug is fixed, "re-execute from failure" reruns Notebook2 only
-    and every table meets the contract.
+    and every table meets the contract. The held MERGE occupies one task slot of the session
+    engine for a moment; other tests' queries share the other.
     """
     spark, schema, source = fresh_source()
     # A previous state for Notebook4's tables, then a change batch so its MERGE has work to do.
@@ -270,7 +276,7 @@ def test_engine_killed_under_a_run_fails_it_clearly_and_the_next_run_restarts_it
 ) -> None:
     """Kill the engine JVM while the parallel job's notebooks run: the run fails saying the
     engine went away (no retry loop); the next run starts the engine again and succeeds; no
-    table is corrupt. Last in the module: it replaces the module's engine.
+    table is corrupt. It replaces its own engine.
 
     The strike is placed with gates: in a test copy of the notebooks each one stops before its
     first MERGE, so all four are known to be at work (their sessions open) when the JVM dies."""
