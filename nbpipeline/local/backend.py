@@ -26,6 +26,7 @@ from nbpipeline.redact import redact
 ENGINE_CPU_KEY = "engine_cpu_s"
 ENGINE_CORES_KEY = "engine_cores"
 CLIENT_CPU_KEY = "client_cpu_s"
+ENGINE_JIT_CPU_KEY = "engine_jit_cpu_s"
 
 
 class LocalNotebookBackend(NotebookBackend):
@@ -96,7 +97,7 @@ class LocalNotebookBackend(NotebookBackend):
             self.spark_remote, progress=log.info if log else None, session_id=session_id
         )
         pid = engine.local_engine_pid(self.spark_remote)
-        engine_cpu = _cpu_seconds(pid)
+        engine_cpu, engine_jit = _cpu_seconds(pid), _jit_cpu_seconds(pid)
         client_cpu = time.process_time()
         try:
             run = run_on_session(self, notebook, path, spark, parameters, timeout_seconds, started)
@@ -108,10 +109,13 @@ class LocalNotebookBackend(NotebookBackend):
             raise
         # What the step cost in CPU: the engine's (while the step ran; in a run whose steps
         # overlap it includes the others' work) and this process's (the notebook's Python).
-        after = _cpu_seconds(pid)
+        after, jit_after = _cpu_seconds(pid), _jit_cpu_seconds(pid)
         if pid is not None and engine_cpu is not None and after is not None:
             run.extra[ENGINE_CPU_KEY] = round(after - engine_cpu, 3)
             run.extra[ENGINE_CORES_KEY] = _engine_cores(pid)
+            if engine_jit is not None and jit_after is not None:
+                # A compiler thread that ended takes its seconds with it: never below zero.
+                run.extra[ENGINE_JIT_CPU_KEY] = round(max(jit_after - engine_jit, 0.0), 3)
         run.extra[CLIENT_CPU_KEY] = round(time.process_time() - client_cpu, 3)
         if session_id:
             run.extra["spark_session_id"] = session_id
@@ -152,6 +156,26 @@ def _cpu_seconds(pid: int | None) -> float | None:
         times = psutil.Process(pid).cpu_times()
         return times.user + times.system
     return None
+
+
+def _jit_cpu_seconds(pid: int | None) -> float | None:
+    """CPU seconds the JVM `pid`'s JIT compiler threads have used so far: compiling is paid once
+    per engine, not per run, so `compare` keeps it out of a warm engine's least work. None where
+    threads cannot be named (no /proc, another user's process)."""
+    if pid is None:
+        return None
+    total = 0
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                if not (task / "comm").read_text().startswith(("C1 Compiler", "C2 Compiler")):
+                    continue
+                # utime and stime, fields 14 and 15, after the parenthesised name.
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])
+    except OSError:
+        return None
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def run_on_session(

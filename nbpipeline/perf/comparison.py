@@ -14,16 +14,19 @@ Definitions (all in seconds):
 
 What parallel would buy elsewhere (`what_if`), from the sequential run alone: each notebook step
 records its wall time w_i, the CPU seconds it cost (the engine's, sampled at the step's start and
-end, which in a sequential run is that step's work alone, plus the step process's own) c_i, and
-the cores the engine could use C (its task slots, at most its CPU affinity). With total work W = sum(c_i), on N cores the parallel job's wall time is
-- at least max(W / N, max_i max(c_i / N, w_i - c_i / C)): no machine does the work faster than
-  N cores can, and a step's part that did not scale with C cores (w_i - c_i / C, the least
-  critical path Brent's bound allows for its measured run) does not shrink with more cores;
+end, which in a sequential run is that step's work alone, plus the step process's own) c_i, the
+part of the engine's seconds its JIT compilers took j_i, and the cores the engine could use C (its
+task slots, at most its CPU affinity). With total work W = sum(c_i) and least work
+L = sum(c_i - j_i) (compiled code stays compiled: an engine that ran the job once does not compile
+it again), on N cores the parallel job's wall time is
+- at least max(L / N, max_i max((c_i - j_i) / N, w_i - c_i / C)): no machine does the work
+  faster than N cores can, and a step's part that did not scale with C cores (w_i - c_i / C, the
+  least critical path Brent's bound allows for its measured run) does not shrink with more cores;
 - at most W / N + max_i w_i: Brent's bound for a greedy scheduler (Spark's, with the steps
   independent), each step's critical path being at most its measured wall time;
 both plus the sequential run's time outside its steps (orchestration). Steps that record no CPU
 (asset-check steps, which follow their notebook's step) add their wall time to their notebook's
-chain in both bounds. `limited_by` says which term sets the lower bound: `cpu` (W / N) or the
+chain in both bounds. `limited_by` says which term sets the lower bound: `cpu` (L / N) or the
 longest step. The bounds assume the N cores serve this job alone: on a machine others load,
 steps wait for CPU and both bounds can be missed.
 """
@@ -114,6 +117,11 @@ class StepCost:
     wall_s: float
     cpu_s: float
     cores: int
+    jit_s: float = 0.0  # of cpu_s, the engine's JIT compilers: a warm engine does not repeat it
+
+    @property
+    def least_cpu_s(self) -> float:
+        return max(self.cpu_s - self.jit_s, 0.0)
 
 
 def step_costs(instance: Any, timing: RunTiming) -> list[StepCost]:
@@ -123,9 +131,14 @@ def step_costs(instance: Any, timing: RunTiming) -> list[StepCost]:
     import dagster as dg
 
     from nbpipeline.defs.metadata import metadata_value
-    from nbpipeline.local.backend import CLIENT_CPU_KEY, ENGINE_CORES_KEY, ENGINE_CPU_KEY
+    from nbpipeline.local.backend import (
+        CLIENT_CPU_KEY,
+        ENGINE_CORES_KEY,
+        ENGINE_CPU_KEY,
+        ENGINE_JIT_CPU_KEY,
+    )
 
-    recorded: dict[str, tuple[float, int]] = {}
+    recorded: dict[str, tuple[float, int, float]] = {}
     for entry in instance.all_logs(
         timing.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION
     ):
@@ -136,8 +149,13 @@ def step_costs(instance: Any, timing: RunTiming) -> list[StepCost]:
         if engine_cpu is None or not cores or not entry.step_key:
             continue
         client_cpu = metadata_value(meta.get(CLIENT_CPU_KEY)) or 0.0
+        jit_cpu = metadata_value(meta.get(ENGINE_JIT_CPU_KEY)) or 0.0
         # A step writing two tables records the same figures twice; one per step.
-        recorded[entry.step_key] = (float(engine_cpu) + float(client_cpu), int(cores))
+        recorded[entry.step_key] = (
+            float(engine_cpu) + float(client_cpu),
+            int(cores),
+            float(jit_cpu),
+        )
     return [
         StepCost(s.step, s.duration_s, *recorded[s.step])
         for s in timing.steps
@@ -159,20 +177,22 @@ def what_if(
         return []
     tail = after or {}
     work = sum(c.cpu_s for c in costs)
+    least = sum(c.least_cpu_s for c in costs)
     longest = max(c.wall_s + tail.get(c.step, 0.0) for c in costs)
     out = []
     for n in cores:
         floors = {
-            c.step: max(c.cpu_s / n, c.wall_s - c.cpu_s / c.cores, 0.0) + tail.get(c.step, 0.0)
+            c.step: max(c.least_cpu_s / n, c.wall_s - c.cpu_s / c.cores, 0.0)
+            + tail.get(c.step, 0.0)
             for c in costs
         }
         step, floor = max(floors.items(), key=lambda kv: kv[1])
-        cpu_floor = work / n
+        cpu_floor = least / n
         out.append(
             {
                 "cores": n,
                 "low_s": round(max(cpu_floor, floor) + outside_steps_s, 2),
-                "high_s": round(cpu_floor + longest + outside_steps_s, 2),
+                "high_s": round(work / n + longest + outside_steps_s, 2),
                 "limited_by": "cpu" if cpu_floor >= floor else f"longest step ({step})",
             }
         )

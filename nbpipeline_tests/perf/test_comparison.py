@@ -82,10 +82,15 @@ def test_compare_matches_the_event_log(pair, tmp_path: Path, capsys) -> None:
     costs = comparison.step_costs(instance, result.sequential)
     assert {c.step for c in costs} == {"Notebook1", "Notebook2", "Notebook3", "Notebook4"}
     assert all(c.cpu_s > 0 and c.cores >= 1 for c in costs)
+    # The engine's JIT compilers, named by thread on Linux, took part of each step's seconds.
+    assert all(0 <= c.jit_s < c.cpu_s for c in costs)
+    assert sum(c.jit_s for c in costs) > 0
     assert [w["cores"] for w in data["what_if"]] == list(comparison.WHAT_IF_CORES)
     work = sum(c.cpu_s for c in costs)
+    least = sum(c.cpu_s - c.jit_s for c in costs)
     for row in data["what_if"]:
-        assert work / row["cores"] <= row["low_s"] <= row["high_s"]
+        assert least / row["cores"] <= row["low_s"] <= row["high_s"]
+        assert row["high_s"] >= work / row["cores"]
         assert row["limited_by"] == "cpu" or row["limited_by"].startswith("longest step")
     assert main(["compare"]) == 0
     assert "| cores | parallel wall at least (s)" in capsys.readouterr().out
@@ -131,6 +136,14 @@ def test_what_if_bounds() -> None:
     tail = {r["cores"]: r for r in comparison.what_if(costs, 1.0, after={"Notebook2": 15.0})}
     assert tail[32]["low_s"] == pytest.approx(26.0)  # 10 s floor + 15 s tail + 1 s outside
     assert tail[32]["high_s"] == pytest.approx(34 / 32 + 27 + 1, abs=0.01)
+    # JIT compiling is paid once per engine: the lower bound leaves it out, the upper keeps it.
+    jitted = [
+        comparison.StepCost("Notebook1", wall_s=20, cpu_s=30, cores=2, jit_s=8),
+        comparison.StepCost("Notebook2", wall_s=12, cpu_s=4, cores=2, jit_s=1),
+    ]
+    warm = {r["cores"]: r for r in comparison.what_if(jitted, outside_steps_s=1.0)}
+    assert warm[1] == {"cores": 1, "low_s": 26.0, "high_s": 55.0, "limited_by": "cpu"}
+    assert warm[32] == rows[32]  # the floor there is Notebook2's part that did not scale
     assert comparison.what_if([]) == []
     assert "No what-if estimate" in comparison.what_if_markdown([])
 
