@@ -32,9 +32,9 @@ from nbpipeline_tests import contract_oracle as oracle
 
 RUN_TIMEOUT_S = 900  # a busy shared machine slows engine starts and runs to minutes
 GATE_TIMEOUT_S = 600  # a gate nobody opens fails the notebook instead of holding it forever
-# For the JVMs a test starts and stops within a minute or two (its own engine, a step's classic
-# Spark): C1 alone compiles Spark's hot code for a fraction of C2's CPU, and a JVM that short-lived
-# never earns C2's compilation back (docs/performance.md, "JIT options"). Every JVM reads it.
+# For the engines a test starts and stops within a minute or two: C1 alone compiles Spark's hot
+# code for a fraction of C2's CPU, and a JVM that short-lived never earns C2's compilation back
+# (docs/testing.md, "Short-lived JVMs"). Every JVM reads it.
 SHORT_JVM_ENV = "JAVA_TOOL_OPTIONS"
 SHORT_JVM_OPTIONS = "-XX:TieredStopAtLevel=1 -XX:ReservedCodeCacheSize=240m"
 
