@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from nbpipeline_tests.helpers import free_port
+from nbpipeline_tests.helpers import JIT_ENV, SUITE_JIT_OPTIONS, free_port
 
 if TYPE_CHECKING:
     from nbpipeline_tests.fakes.databricks_http import LoopbackDatabricks
@@ -61,13 +61,17 @@ def nbpipeline_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             home.mkdir()
             port_file.write_text(str(free_port()))
         port = port_file.read_text()
-    names = ("NBPIPELINE_HOME", "NBPIPELINE_ENGINE_PORT", "NBPIPELINE_ENGINE_CODEGEN")
+    names = ("NBPIPELINE_HOME", "NBPIPELINE_ENGINE_PORT", "NBPIPELINE_ENGINE_CODEGEN", JIT_ENV)
     saved = {k: os.environ.get(k) for k in names}
     os.environ["NBPIPELINE_HOME"] = str(home)
     os.environ["NBPIPELINE_ENGINE_PORT"] = port
     # Test tables hold a few thousand rows, where compiling generated code costs more than it
     # saves; the contract tests turn it back on (helpers.generated_code).
     os.environ["NBPIPELINE_ENGINE_CODEGEN"] = "off"
+    # The test run's JVMs (the engine, bench's per-process JVMs) compile only code that stays
+    # hot across many tests: a suite of short, varied queries spends most JIT time on code it
+    # runs a few hundred times (docs/testing.md, "The JVMs' JIT").
+    os.environ[JIT_ENV] = SUITE_JIT_OPTIONS
     os.environ.pop("NBPIPELINE_SPARK_REMOTE", None)
     yield home
     for key, value in saved.items():

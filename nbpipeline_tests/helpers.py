@@ -32,10 +32,12 @@ from nbpipeline_tests import contract_oracle as oracle
 
 RUN_TIMEOUT_S = 900  # a busy shared machine slows engine starts and runs to minutes
 GATE_TIMEOUT_S = 600  # a gate nobody opens fails the notebook instead of holding it forever
-# For the engines a test starts and stops within a minute or two: C1 alone compiles Spark's hot
-# code for a fraction of C2's CPU, and a JVM that short-lived never earns C2's compilation back
-# (docs/testing.md, "Short-lived JVMs"). Every JVM reads it.
-SHORT_JVM_ENV = "JAVA_TOOL_OPTIONS"
+# Every JVM reads it: the suite tunes its JVMs' JIT through it (docs/testing.md, "The JVMs' JIT").
+JIT_ENV = "JAVA_TOOL_OPTIONS"
+# The test run's own JVMs: compile only what stays hot for many tests, not each test's queries.
+SUITE_JIT_OPTIONS = "-XX:CompileThresholdScaling=4"
+# The engines a test starts and stops within a minute or two: C1 alone compiles Spark's hot code
+# for a fraction of C2's CPU, and a JVM that short-lived never earns C2's compilation back.
 SHORT_JVM_OPTIONS = "-XX:TieredStopAtLevel=1 -XX:ReservedCodeCacheSize=240m"
 
 

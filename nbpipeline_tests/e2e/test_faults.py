@@ -31,8 +31,8 @@ from nbpipeline.local import engine, seed
 from nbpipeline.local.runtime import run_notebook
 from nbpipeline_tests.fakes.backend import CALLS, FakeBackend
 from nbpipeline_tests.helpers import (
+    JIT_ENV,
     RUN_TIMEOUT_S,
-    SHORT_JVM_ENV,
     SHORT_JVM_OPTIONS,
     Gates,
     assert_matches_contract,
@@ -62,13 +62,13 @@ def own_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A private home and engine for one test; the session's env is restored afterwards. Its
     JVMs (the first and the one the next run starts) live a minute each: C1-only JIT."""
     keys = ("NBPIPELINE_HOME", "NBPIPELINE_ENGINE_PORT", "NBPIPELINE_ENGINE_MEMORY")
-    saved = {k: os.environ.get(k) for k in (*keys, SHORT_JVM_ENV, "NBPIPELINE_SPARK_REMOTE")}
+    saved = {k: os.environ.get(k) for k in (*keys, JIT_ENV, "NBPIPELINE_SPARK_REMOTE")}
     home = tmp_path_factory.mktemp("faults_home")
     os.environ.update(
         NBPIPELINE_HOME=str(home),
         NBPIPELINE_ENGINE_PORT=str(free_port()),
         NBPIPELINE_ENGINE_MEMORY="1g",
-        **{SHORT_JVM_ENV: SHORT_JVM_OPTIONS},
+        **{JIT_ENV: SHORT_JVM_OPTIONS},
     )
     os.environ.pop("NBPIPELINE_SPARK_REMOTE", None)
     try:

@@ -29,8 +29,8 @@ from nbpipeline.local import jars as local_jars
 from nbpipeline.settings import PROJECT_ROOT
 from nbpipeline.tables import OUTPUT_TABLES
 from nbpipeline_tests.helpers import (
+    JIT_ENV,
     RUN_TIMEOUT_S,
-    SHORT_JVM_ENV,
     SHORT_JVM_OPTIONS,
     assert_matches_contract,
     free_port,
@@ -85,7 +85,7 @@ def second(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         "NBPIPELINE_ENGINE_PORT": str(free_port()),
         "NBPIPELINE_ENGINE_MEMORY": "1g",
         "NBPIPELINE_CACHE_DIR": str(root / "empty_cache"),
-        SHORT_JVM_ENV: SHORT_JVM_OPTIONS,  # this module's engine lives about two minutes
+        JIT_ENV: SHORT_JVM_OPTIONS,  # this module's engine lives about two minutes
     }
     env.pop("NBPIPELINE_SPARK_REMOTE", None)
     env.pop("NBPIPELINE_DELTA_JARS", None)

@@ -327,11 +327,14 @@ def test_bench_tiny_runs_every_mode(spark, pair, capsys) -> None:
 
 @pytest.mark.slow
 def test_per_process_spark_runs_a_notebook_on_a_jvm_of_its_step_process(
-    spark, instance, tmp_path: Path
+    spark, instance, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """bench's `per-process-spark` mode on one notebook: the parallel job with
     PerProcessSparkBackend bound runs Notebook1 in a step process, on a classic Spark session of
     that process's own, from a Delta path source into the table beside it."""
+    from nbpipeline_tests.helpers import JIT_ENV, SHORT_JVM_OPTIONS
+
+    monkeypatch.setenv(JIT_ENV, SHORT_JVM_OPTIONS)  # the step's JVM lives for one notebook
     from nbpipeline.defs.assets import op_config
     from nbpipeline.defs.jobs import parallel_execution_config
     from nbpipeline.local.seed import seed_orders
