@@ -245,6 +245,10 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
         return None
     from xdist.scheduler import LoadFileScheduling
 
+    # Hand out groups in the order pytest_collection_modifyitems left them (the longest first),
+    # not xdist's largest-count-first: the heavy group holds few tests but the most time.
+    config.option.loadscopereorder = False
+
     class FileGroupScheduling(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:
             return worker_group(nodeid.split("::", 1)[0])
@@ -259,6 +263,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             f"conftest.JOB_PAIR_FILES must name every file using job_pair: add "
             f"{sorted(pair_files - JOB_PAIR_FILES)}"
         )
+    # The heavy group first, then the job pair: a worker starts the longest work at once while
+    # the other takes the many short files (sort is stable: files keep their order otherwise).
+    first = {"heavy": 0, "job_pair": 1}
+    items.sort(key=lambda item: first.get(worker_group(str(item.path)), 2))
     for item in items:
         marks = {m.name for m in item.iter_markers()}
         if marks & {"slow", "ui"} and "timeout" not in marks:

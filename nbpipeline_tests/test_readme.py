@@ -477,3 +477,7 @@ def test_the_two_workers_keep_each_group_of_files_together(tmp_path: Path) -> No
     assert all(len(ws) == 1 for ws in workers.values()), workers
     assert all(len(f) == len(set(f)) for f in files.values()), files  # no file split up
     assert len(files["heavy"]) == 6 and len(files["job_pair"]) == 2, files
+    # The heavy group, the longest work, is the first thing its worker runs.
+    (heavy_worker,) = workers["heavy"]
+    first = next(nodeid for worker, nodeid in ran if worker == heavy_worker)
+    assert worker_group(first.split("::", 1)[0]) == "heavy", first
