@@ -251,6 +251,8 @@ def test_fast_tier_selection() -> None:
         [sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "not slow and not ui"]
         + ["-n", "2"],
         cwd=PROJECT_ROOT,
+        # Options of the calling run (PYTEST_ADDOPTS=-v, say) would change the listing's form.
+        env={k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"},
         capture_output=True,
         text=True,
         timeout=300,
