@@ -68,9 +68,9 @@ def nbpipeline_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     # Test tables hold a few thousand rows, where compiling generated code costs more than it
     # saves; the contract tests turn it back on (helpers.generated_code).
     os.environ["NBPIPELINE_ENGINE_CODEGEN"] = "off"
-    # The test run's JVMs (the engine, bench's per-process JVMs) compile only code that stays
-    # hot across many tests: a suite of short, varied queries spends most JIT time on code it
-    # runs a few hundred times (docs/testing.md, "The JVMs' JIT").
+    # The session's engine (and any JVM a test starts without options of its own) compiles only
+    # code that stays hot across many tests, not each test's own queries (docs/testing.md,
+    # "The JVMs' JIT").
     os.environ[JIT_ENV] = SUITE_JIT_OPTIONS
     os.environ.pop("NBPIPELINE_SPARK_REMOTE", None)
     yield home

@@ -32,7 +32,7 @@ from nbpipeline_tests import contract_oracle as oracle
 
 RUN_TIMEOUT_S = 900  # a busy shared machine slows engine starts and runs to minutes
 GATE_TIMEOUT_S = 600  # a gate nobody opens fails the notebook instead of holding it forever
-# Every JVM reads it: the suite tunes its JVMs' JIT through it (docs/testing.md, "The JVMs' JIT").
+# Every JVM reads it; the suite sets its JVMs' JIT through it (docs/testing.md, "The JVMs' JIT").
 JIT_ENV = "JAVA_TOOL_OPTIONS"
 # The test run's own JVMs: compile only what stays hot for many tests, not each test's queries.
 SUITE_JIT_OPTIONS = "-XX:CompileThresholdScaling=4"

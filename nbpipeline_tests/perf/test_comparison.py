@@ -332,16 +332,15 @@ def test_per_process_spark_runs_a_notebook_on_a_jvm_of_its_step_process(
     """bench's `per-process-spark` mode on one notebook: the parallel job with
     PerProcessSparkBackend bound runs Notebook1 in a step process, on a classic Spark session of
     that process's own, from a Delta path source into the table beside it."""
-    from nbpipeline_tests.helpers import JIT_ENV, SHORT_JVM_OPTIONS
-
-    monkeypatch.setenv(JIT_ENV, SHORT_JVM_OPTIONS)  # the step's JVM lives for one notebook
     from nbpipeline.defs.assets import op_config
     from nbpipeline.defs.jobs import parallel_execution_config
     from nbpipeline.local.seed import seed_orders
     from nbpipeline.perf import bench
     from nbpipeline.runs import run_job_fn
     from nbpipeline_tests import contract_oracle as oracle
-    from nbpipeline_tests.helpers import collect
+    from nbpipeline_tests.helpers import JIT_ENV, SHORT_JVM_OPTIONS, collect
+
+    monkeypatch.setenv(JIT_ENV, SHORT_JVM_OPTIONS)  # the step's JVM lives for one notebook
 
     source = f"delta.`{tmp_path / 'orders'}`"
     seed_orders(spark, source, rows=300, seed=17, dirty=True)
