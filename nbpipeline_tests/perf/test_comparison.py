@@ -327,7 +327,7 @@ def test_bench_tiny_runs_every_mode(spark, pair, capsys) -> None:
 
 @pytest.mark.slow
 def test_per_process_spark_runs_a_notebook_on_a_jvm_of_its_step_process(
-    spark, instance, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    spark, instance, tmp_path: Path
 ) -> None:
     """bench's `per-process-spark` mode on one notebook: the parallel job with
     PerProcessSparkBackend bound runs Notebook1 in a step process, on a classic Spark session of
@@ -338,9 +338,7 @@ def test_per_process_spark_runs_a_notebook_on_a_jvm_of_its_step_process(
     from nbpipeline.perf import bench
     from nbpipeline.runs import run_job_fn
     from nbpipeline_tests import contract_oracle as oracle
-    from nbpipeline_tests.helpers import JIT_ENV, SHORT_JVM_OPTIONS, collect
-
-    monkeypatch.setenv(JIT_ENV, SHORT_JVM_OPTIONS)  # the step's JVM lives for one notebook
+    from nbpipeline_tests.helpers import collect
 
     source = f"delta.`{tmp_path / 'orders'}`"
     seed_orders(spark, source, rows=300, seed=17, dirty=True)
