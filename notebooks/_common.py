@@ -313,7 +313,8 @@ def flagged_orders_sql(source_sql, recount=False):
 
 def derived_orders_sql(flagged_view):
     """The valid orders, one per order_id (the greatest precedence; a NULL sorts lowest), with
-    the contract's derived values. A window keeps the rows flat, so no struct is sorted."""
+    the contract's derived values. A window: an aggregate over a struct of the precedence picks
+    the same rows and measured no faster (docs/performance.md)."""
     revenue = ", ".join(f"'{s}'" for s in REVENUE_STATUSES)
     order = ", ".join(f"{c} DESC NULLS LAST" for c in PRECEDENCE)
     return f"""
@@ -559,6 +560,8 @@ class NotebookRun:
         flagged_view = self.view(
             "flagged", spark.sql(flagged_orders_sql(self.source_sql, recount=recount))
         )
+        # A pass of its own: Spark Connect fills observed metrics only for actions that return
+        # rows, never for a MERGE, a checkpoint or a table write (docs/performance.md).
         recounted = ", COUNT(DISTINCT _recount_id) AS valid_orders" if recount else ""
         counts = spark.sql(
             f"SELECT COUNT(*) AS n, COUNT_IF(NOT is_valid) AS bad{recounted} FROM {flagged_view}"
